@@ -1,0 +1,3 @@
+"""Illustration classification research repo: every stage a function and a command."""
+
+__version__ = "0.1.0"

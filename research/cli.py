@@ -1,0 +1,70 @@
+"""`python -m research <command>`: argument parsing only; each command lives in its stage module.
+
+A stage module exposes `add_arguments(parser)` and `run(args) -> int`. Modules are imported
+only when their command runs, so `--help` is instant and a command pays only for what it uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help). The order is the pipeline's order.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("research.data.cli", "build the embedded dataset (data build) or inventory a tree (data scan)"),
+    "eda": ("research.eda", "plots and summary of a class-per-folder tree, logged to MLflow"),
+    "clean": ("research.data.clean", "find wrongly collected photographs; write manifest + quarantine"),
+    "split": ("research.data.split", "group-aware train/val/test split into a dataset version"),
+    "train": ("research.train", "train one model; every epoch logged to MLflow"),
+    "sweep": ("research.sweep", "an Optuna study: one MLflow parent run, a child run per trial"),
+    "promote": ("research.registry", "register the best run as the champion model version"),
+    "predict": ("research.predict", "classify images with a registered model"),
+    "runs": ("research.runs", "leaderboard of runs in the terminal"),
+    "report": ("research.runs", "champion vs seed recipe report for a study"),
+    "ui": ("research.runs", "start the MLflow UI on the tracking store"),
+    "demo": ("research.demo", "the whole pipeline end to end on the embedded dataset"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m research",
+        description="Illustration classifier: scan, eda, clean, split, train, sweep, promote, predict.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        parser = _top_parser()
+        if not argv:
+            parser.print_help()
+            return 2
+        parser.parse_args(argv)  # --help, or an error naming the valid commands
+        return 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"python -m research {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser, name) if _takes_name(module) else module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    args.command = name
+    from research.config import ConfigError
+
+    try:
+        return int(module.run(args) or 0)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _takes_name(module) -> bool:
+    """A module serving several commands (runs/report/ui) takes the command name too."""
+    return module.add_arguments.__code__.co_argcount == 2
