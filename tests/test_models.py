@@ -1,0 +1,89 @@
+"""Model factory: the VGG16_v2 head matches the spec, every name builds, pretrained fails offline fast."""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlparse
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from research.config import ConfigError
+from research.models import build_model
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    """Point the torch hub and Hugging Face caches at empty folders (so no test can find or fetch weights)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    return tmp_path
+
+
+def test_vgg16_v2_head_matches_the_spec():
+    model = build_model("vgg16_v2", num_classes=20)
+    assert isinstance(model.avgpool, nn.AdaptiveAvgPool2d) and model.avgpool.output_size == (7, 7)
+    head = list(model.classifier)
+    linears = [m for m in head if isinstance(m, nn.Linear)]
+    shapes = [(m.in_features, m.out_features) for m in linears]
+    assert shapes == [(25088, 4096), (4096, 4096), (4096, 1024), (1024, 1024), (1024, 512), (512, 20)]
+    # Linear, ReLU, Dropout(0.5) between every pair of Linear layers; the last Linear ends the head
+    assert len(head) == 16 and head[-1] is linears[-1]
+    for i in range(5):
+        linear, relu, drop = head[3 * i : 3 * i + 3]
+        assert isinstance(linear, nn.Linear) and isinstance(relu, nn.ReLU)
+        assert isinstance(drop, nn.Dropout) and drop.p == 0.5
+    # VGG16 trunk: 13 convs, no batch norm
+    assert sum(isinstance(m, nn.Conv2d) for m in model.features) == 13
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.features)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 32, 32))
+    assert out.shape == (1, 20) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["vgg16_bn_v2", "resnet18", "timm:resnet18"])
+def test_models_build_and_forward(name):
+    model = build_model(name, num_classes=5).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+    if name == "vgg16_bn_v2":
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in model.features) == 13
+        assert [m.out_features for m in model.classifier if isinstance(m, nn.Linear)] == [4096, 4096, 1024, 1024, 512, 5]
+
+
+def test_torchvision_heads_are_replaced():
+    # build on the meta device: only the layer shapes matter here, not 130M initialised weights
+    with torch.device("meta"):
+        assert build_model("vgg16", 7).classifier[-1].out_features == 7
+        assert build_model("resnet50", 7).fc.out_features == 7
+        assert build_model("resnet101", 7).fc.out_features == 7
+
+
+def test_unknown_model_lists_the_choices():
+    with pytest.raises(ConfigError, match="vgg16_v2.*resnet101.*timm:<name>"):
+        build_model("vgg19", 20)
+    with pytest.raises(ConfigError, match="timm has no model"):
+        build_model("timm:not_a_real_net", 20)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg16_v2", "vgg16_bn_v2", "timm:resnet18"])
+def test_pretrained_without_cached_weights_fails_clearly(name, empty_caches):
+    with pytest.raises(ConfigError, match="not in the local cache .*drop --pretrained"):
+        build_model(name, 20, pretrained=True)
+
+
+def test_pretrained_loads_from_the_local_torch_cache(empty_caches):
+    """A resnet18 state dict placed where torchvision's cache keeps it is loaded, head replaced."""
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    path = empty_caches / "torch" / "hub" / "checkpoints" / os.path.basename(urlparse(url).path)
+    path.parent.mkdir(parents=True)
+    source = torchvision.models.resnet18()
+    torch.save(source.state_dict(), path)
+    model = build_model("resnet18", 3, pretrained=True)
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    assert model.fc.out_features == 3

@@ -1,0 +1,160 @@
+"""The per-epoch list parser, the lr of every schedule at known points, optimizers, state round-trip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from research.config import ConfigError, TrainConfig, replace
+from research.schedules import build_optimizer, build_scheduler, parse_epoch_list
+
+STEPS = 4  # batches per epoch
+
+
+def tiny_model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+
+
+def lrs_per_batch(cfg: TrainConfig) -> list[list[float]]:
+    """lr used by each batch of each epoch, driving the schedule exactly as the trainer does."""
+    opt = build_optimizer(cfg, tiny_model())
+    sched = build_scheduler(cfg, opt, STEPS)
+    epochs = []
+    for _ in range(cfg.epochs):
+        seen = []
+        for _ in range(STEPS):
+            seen.append(sched.current_lr())
+            opt.step()
+            sched.step_batch()
+        epochs.append(seen)
+        sched.step_epoch()
+    return epochs
+
+
+def test_parse_epoch_list():
+    assert parse_epoch_list("1e-3:10,1e-4:10,1e-5") == [(1e-3, 10), (1e-4, 10), (1e-5, None)]
+    assert parse_epoch_list(" 0.01 : 2 , 0.001:3 ") == [(0.01, 2), (0.001, 3)]
+    assert parse_epoch_list("3e-4") == [(3e-4, None)]
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("1e-3,1e-4:10", "entry 1 .* needs ':epochs'; only the last may omit it"),
+        ("1e-3:10,,1e-5", "entry 2 is empty"),
+        ("1e-3:ten,1e-4", "'ten' in entry 1 is not a whole number of epochs"),
+        ("1e-3:2.5", "not a whole number"),
+        ("fast:3", "'fast' in entry 1 is not a learning rate"),
+        ("-1e-3:3,1e-4", "must be > 0"),
+        ("1e-3:0,1e-4", "entry 1 has 0 epochs"),
+        ("", "empty schedule"),
+        ("cosin", "Did you mean 'cosine'"),
+    ],
+)
+def test_parse_epoch_list_errors_say_what_and_show_an_example(text, problem):
+    with pytest.raises(ConfigError, match=problem) as err:
+        parse_epoch_list(text)
+    assert "1e-3:10,1e-4:10,1e-5" in str(err.value) and "constant" in str(err.value)
+
+
+def test_config_validation_uses_the_parser():
+    with pytest.raises(ConfigError, match="not a learning rate"):
+        replace(TrainConfig(), lr_schedule="warm")
+    assert replace(TrainConfig(), lr_schedule="1e-2:1,1e-3").lr_schedule == "1e-2:1,1e-3"
+
+
+def test_constant_and_step():
+    epochs = lrs_per_batch(TrainConfig(lr=0.1, epochs=3))
+    assert all(lr == pytest.approx(0.1) for e in epochs for lr in e)
+    step = lrs_per_batch(TrainConfig(lr=0.1, epochs=7, lr_schedule="step", step_size=3, step_gamma=0.5))
+    assert [e[0] for e in step] == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025])
+    assert all(len(set(e)) == 1 for e in step)  # constant within an epoch
+
+
+def test_per_epoch_list_replaces_lr_and_holds_the_last_value():
+    epochs = lrs_per_batch(TrainConfig(lr=0.5, epochs=6, lr_schedule="1e-2:2,1e-3:1,1e-4:1"))
+    assert [e[0] for e in epochs] == pytest.approx([1e-2, 1e-2, 1e-3, 1e-4, 1e-4, 1e-4])
+    open_ended = lrs_per_batch(TrainConfig(lr=1e-3, epochs=4, lr_schedule="1e-3:1,1e-5"))
+    assert [e[-1] for e in open_ended] == pytest.approx([1e-3, 1e-5, 1e-5, 1e-5])
+
+
+def test_cosine_with_warmup_per_batch():
+    cfg = TrainConfig(lr=0.1, epochs=4, lr_schedule="cosine", warmup_epochs=1)
+    flat = [lr for e in lrs_per_batch(cfg) for lr in e]
+    warm = STEPS  # batches 0..3 ramp linearly from lr/4 to 3lr/4 + lr/16 ... reaching lr at batch 4
+    assert flat[:warm] == pytest.approx([0.1 * (1 / warm + (1 - 1 / warm) * k / warm) for k in range(warm)])
+    decay = cfg.epochs * STEPS - warm
+    expected = [0.05 * (1 + math.cos(math.pi * k / decay)) for k in range(decay)]
+    assert flat[warm:] == pytest.approx(expected, abs=1e-9)
+    assert flat[warm] == pytest.approx(0.1) and flat[-1] < 0.01
+
+
+def test_cosine_without_warmup_and_warmup_too_long():
+    flat = [lr for e in lrs_per_batch(TrainConfig(lr=0.2, epochs=2, lr_schedule="cosine")) for lr in e]
+    assert flat == pytest.approx([0.1 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])
+    with pytest.raises(ConfigError, match="warmup_epochs=2 must be less than epochs=2"):
+        lrs_per_batch(TrainConfig(epochs=2, lr_schedule="cosine", warmup_epochs=2))
+
+
+def test_onecycle_peaks_at_lr_and_survives_extra_batches():
+    cfg = TrainConfig(lr=0.1, epochs=5, lr_schedule="onecycle")
+    flat = [lr for e in lrs_per_batch(cfg) for lr in e]
+    assert flat[0] == pytest.approx(0.1 / 25)  # torch default div_factor
+    assert max(flat) == pytest.approx(0.1, rel=1e-3)
+    assert flat.index(max(flat)) == round(0.3 * len(flat)) - 1  # pct_start = 0.3
+    assert flat[-1] < 1e-4
+    opt = build_optimizer(cfg, tiny_model())
+    sched = build_scheduler(cfg, opt, STEPS)
+    for _ in range(cfg.epochs * STEPS + 5):  # a loader one batch longer than announced must not crash
+        opt.step()
+        sched.step_batch()
+
+
+@pytest.mark.parametrize("schedule", ["constant", "step", "cosine", "onecycle", "1e-2:2,1e-3"])
+def test_state_dict_round_trip(schedule):
+    cfg = TrainConfig(lr=0.05, epochs=5, lr_schedule=schedule, step_size=1, warmup_epochs=1)
+
+    def fresh():
+        opt = build_optimizer(cfg, tiny_model())
+        return opt, build_scheduler(cfg, opt, STEPS)
+
+    def run(opt, sched, epochs):
+        out = []
+        for _ in range(epochs):
+            for _ in range(STEPS):
+                opt.step()
+                sched.step_batch()
+                out.append(sched.current_lr())
+            sched.step_epoch()
+        return out
+
+    opt, sched = fresh()
+    straight = run(opt, sched, 5)
+    opt, sched = fresh()
+    first = run(opt, sched, 2)
+    saved = {"opt": opt.state_dict(), "sched": sched.state_dict()}
+    opt, sched = fresh()
+    opt.load_state_dict(saved["opt"])
+    sched.load_state_dict(saved["sched"])
+    assert first + run(opt, sched, 3) == pytest.approx(straight)
+
+
+def test_optimizers_and_decay_groups():
+    model = tiny_model()
+    sgd = build_optimizer(TrainConfig(optimizer="sgd", lr=0.1, momentum=0.8, weight_decay=1e-3), model)
+    assert isinstance(sgd, torch.optim.SGD)
+    decay, no_decay = sgd.param_groups
+    assert decay["weight_decay"] == 1e-3 and no_decay["weight_decay"] == 0.0
+    assert decay["momentum"] == 0.8 and decay["nesterov"] is False
+    # conv + linear weights decay; conv/linear biases and the batch-norm scale and shift do not
+    assert [tuple(p.shape) for p in decay["params"]] == [(4, 3, 3, 3), (2, 4)]
+    assert len(no_decay["params"]) == 4
+    adamw = build_optimizer(TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=0.05), model.parameters())
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.05
+    bad = TrainConfig()
+    bad.optimizer = "adam"
+    with pytest.raises(ConfigError, match="sgd, adamw"):
+        build_optimizer(bad, model)
