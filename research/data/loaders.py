@@ -1,0 +1,521 @@
+"""Training and evaluation batches for the trainer: the cached path (default) and the folder path.
+
+`build_loaders(version, cfg, device)` returns `Loaders`; both paths give the same interface,
+the same index order (`cache.split_items`), the same decode rule (`cache.load_rgb`) and the
+same epoch index sequence (`samplers.epoch_indices` with a generator seeded from
+(cfg.seed, epoch) alone, so a resumed run sees the batches an uninterrupted one would).
+
+cached: uint8 rows gathered from the memmap of `cache.ensure_cache`, pinned and copied to the
+device (non_blocking), augmented there as one batch with per-sample random parameters
+(`BatchAugment`: one affine grid_sample does crop + flip + rotation, colour jitter and
+grayscale are per-sample tensor ops), normalised, all in a background thread that prefetches
+the next batches while the model computes.
+
+folder: torchvision ImageFolder over `<version>/<split>` + per-image torchvision.transforms.v2
+in DataLoader workers, the seed's pipeline, kept for comparison (`loader=folder`).
+
+Both: a last batch of exactly one image is dropped (BatchNorm cannot normalise one sample in
+training mode); larger remainders are kept. MixUp/CutMix (cfg.augment.mixup / cutmix > 0) run
+on the device batch with torchvision.transforms.v2 and turn y into soft targets [B, C].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from research.config import AugmentConfig, ConfigError, TrainConfig
+from research.data import cache as cache_mod
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect ratio range
+PREFETCH = 3  # batches ready ahead of the model
+
+
+@dataclasses.dataclass
+class Loaders:
+    train: "TrainStream"  # len(train) = batches per epoch; train.epoch(epoch) -> Iterator[(x, y)]
+    val: Iterable  # deterministic, no augmentation; (x, y) with y LongTensor
+    test: Iterable
+    classes: list[str]
+    train_labels: np.ndarray  # class index per training image
+
+
+# ---------------------------------------------------------------------------------- epoch plan
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A CPU generator that depends on (seed, epoch) and nothing else."""
+    state = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    """Batches per epoch: a trailing batch of size 1 is dropped (BatchNorm), bigger ones kept."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest > 1 else 0)
+
+
+@dataclasses.dataclass
+class EpochPlan:
+    batches: list[torch.Tensor]  # image indices per batch
+    batch_seeds: list[int]  # per batch: seeds its augmentation and MixUp/CutMix draws
+
+
+def epoch_plan(labels: np.ndarray, cfg: TrainConfig, epoch: int) -> EpochPlan:
+    from research import samplers
+
+    g = epoch_generator(cfg.seed, epoch)
+    order = samplers.epoch_indices(labels, cfg.sampler, epoch, g, drs_epoch=cfg.drs_epoch)
+    batches = list(torch.split(order, cfg.batch_size))
+    if batches and len(batches[-1]) == 1:
+        batches.pop()
+    seeds = torch.randint(0, 2**62, (len(batches),), generator=g).tolist()
+    return EpochPlan(batches, seeds)
+
+
+# ---------------------------------------------------------------------------------- batch ops
+
+def resolve_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+
+
+class Normalize:
+    """uint8 or 0..255 float [B,3,H,W] -> ImageNet-normalised float32 in one addcmul pass."""
+
+    def __init__(self, device: torch.device) -> None:
+        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std)
+        self.shift = -mean / std
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, x, self.scale)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    w = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+class BatchAugment:
+    """The training augmentations of AugmentConfig on a uint8 batch, with per-sample parameters.
+
+    torchvision.transforms.v2 on a batched tensor draws one set of parameters for the whole
+    batch; here every sample draws its own, with torchvision's definitions:
+    RandomResizedCrop(S, scale=(crop_scale_min, 1), ratio=(3/4, 4/3)) (10 tries, then the
+    centre-crop fallback), RandomHorizontalFlip(hflip), RandomRotation(rotation),
+    ColorJitter(brightness=contrast=saturation=color_jitter) in the fixed order brightness,
+    contrast, saturation (torchvision shuffles the order), RandomGrayscale(grayscale).
+
+    Crop, flip and rotation compose into one affine matrix per sample and run as a single
+    bilinear `grid_sample`: the crop is a sub-box of the S x S cached image resized back to S,
+    so it only magnifies and bilinear needs no antialias. A rotation samples the surrounding image where the source has pixels and white
+    (the decode rule's paper) beyond its edge. Work is in float 0..255; the last step is the
+    fused normalisation.
+    """
+
+    def __init__(self, aug: AugmentConfig, size: int, device: torch.device) -> None:
+        self.aug = aug
+        self.size = size
+        self.normalize = Normalize(device)
+
+    def params(self, n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        a, s = self.aug, self.size
+        tries = 10
+        area = s * s * torch.empty(n, tries).uniform_(a.crop_scale_min, 1.0, generator=g)
+        log_r = torch.empty(n, tries).uniform_(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]), generator=g)
+        ratio = torch.exp(log_r)
+        w = torch.sqrt(area * ratio).round()
+        h = torch.sqrt(area / ratio).round()
+        ok = (w > 0) & (w <= s) & (h > 0) & (h <= s)
+        first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+        pick = first.clamp(min=0).unsqueeze(1)
+        w = torch.where(first >= 0, w.gather(1, pick).squeeze(1), torch.full((n,), float(s)))
+        h = torch.where(first >= 0, h.gather(1, pick).squeeze(1), torch.full((n,), float(s)))
+        top = torch.floor(torch.rand(n, generator=g) * (s - h + 1))
+        left = torch.floor(torch.rand(n, generator=g) * (s - w + 1))
+        flip = torch.rand(n, generator=g) < a.hflip
+        angle = torch.empty(n).uniform_(-a.rotation, a.rotation, generator=g) if a.rotation > 0 else torch.zeros(n)
+        lo = max(0.0, 1.0 - a.color_jitter)
+        jitter = torch.empty(n, 3).uniform_(lo, 1.0 + a.color_jitter, generator=g)  # brightness, contrast, saturation
+        gray = torch.rand(n, generator=g) < a.grayscale
+        return {"top": top, "left": left, "h": h, "w": w, "flip": flip, "angle": angle, "jitter": jitter, "gray": gray}
+
+    def theta(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Affine [n, 2, 3] from output coords to source coords (normalised, align_corners=False)."""
+        s = float(self.size)
+        sx = p["w"] / s * torch.where(p["flip"], -1.0, 1.0)
+        sy = p["h"] / s
+        tx = (2 * p["left"] + p["w"]) / s - 1
+        ty = (2 * p["top"] + p["h"]) / s - 1
+        rad = torch.deg2rad(p["angle"])
+        cos, sin = torch.cos(rad), torch.sin(rad)
+        # source = diag(sx, sy) @ R @ out + t: rotation in output space, then the crop's stretch
+        return torch.stack([
+            torch.stack([sx * cos, -sx * sin, tx], 1),
+            torch.stack([sy * sin, sy * cos, ty], 1),
+        ], 1)
+
+    def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """uint8 [n, 3, S, S] on the device -> augmented, normalised float32 (params drawn from g)."""
+        return self.apply(x, self.params(x.shape[0], g))
+
+    def grid(self, theta: torch.Tensor) -> torch.Tensor:
+        """F.affine_grid(theta, align_corners=False) built by broadcasting (3x faster on CPU than
+        its batched matmul): grid[b, i, j] = theta[b] @ (u_j, u_i, 1)."""
+        n, s = theta.shape[0], self.size
+        u = (torch.arange(s, device=theta.device, dtype=torch.float32) * 2 + 1) / s - 1
+        g = torch.empty(n, s, s, 2, device=theta.device)
+        for k in range(2):
+            along_j = theta[:, k, 0, None] * u  # [n, s]
+            along_i = theta[:, k, 1, None] * u + theta[:, k, 2, None]
+            g[..., k] = along_j[:, None, :] + along_i[:, :, None]
+        return g
+
+    def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        n = x.shape[0]
+        dev = x.device
+        xf = x.float()
+        grid = self.grid(self.theta(p).to(dev))
+        if self.aug.rotation > 0:  # out-of-image samples are white: sample (x - 255) with zero padding
+            xf = F.grid_sample(xf.sub_(255.0), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            xf.add_(255.0)
+        else:
+            xf = F.grid_sample(xf, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if self.aug.color_jitter > 0:  # torchvision's adjust_* on floats: blend, then clamp to range
+            b, c, sat = (p["jitter"][:, i].to(dev).view(n, 1, 1, 1) for i in range(3))
+            xf.mul_(b).clamp_(0, 255)
+            w = torch.tensor(GRAY_WEIGHTS, device=dev).view(1, 3, 1, 1)
+            mean = (xf.mean((2, 3), keepdim=True) * w).sum(1, keepdim=True)  # mean of the grayscale image
+            xf = torch.lerp(mean, xf, c).clamp_(0, 255)  # c * x + (1 - c) * mean
+            xf = torch.lerp(_gray(xf), xf, sat).clamp_(0, 255)
+        if self.aug.grayscale > 0:
+            mask = p["gray"].to(dev).view(n, 1, 1, 1)
+            xf = torch.where(mask, _gray(xf).expand_as(xf), xf)
+        return self.normalize(xf)
+
+
+class BatchMix:
+    """MixUp / CutMix (torchvision.transforms.v2, one of them per batch when both are on)."""
+
+    def __init__(self, aug: AugmentConfig, num_classes: int) -> None:
+        from torchvision.transforms import v2
+
+        ops = []
+        if aug.mixup > 0:
+            ops.append(v2.MixUp(alpha=aug.mixup, num_classes=num_classes))
+        if aug.cutmix > 0:
+            ops.append(v2.CutMix(alpha=aug.cutmix, num_classes=num_classes))
+        self.op = None if not ops else ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+
+    def __bool__(self) -> bool:
+        return self.op is not None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # v2 draws lambda and boxes from torch's global CPU generator: seed it per batch in a fork
+        # so the draws depend on (seed, epoch, batch) alone and the caller's RNG stream is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.op(x, y)
+
+
+# ---------------------------------------------------------------------------------- prefetch
+
+def prefetch(items: Iterable, make: Callable, depth: int = PREFETCH) -> Iterator:
+    """Yield make(item) for each item, computed `depth` ahead in a background thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def worker() -> None:
+        try:
+            for item in items:
+                out = make(item)
+                while not stop.is_set():
+                    try:
+                        q.put(out, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            q.put(exc)
+
+    thread = threading.Thread(target=worker, daemon=True, name="batch-prefetch")
+    thread.start()
+    try:
+        while True:
+            out = q.get()
+            if out is done:
+                return
+            if isinstance(out, BaseException):
+                raise out
+            yield out
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a worker waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
+# ---------------------------------------------------------------------------------- cached path
+
+class CachedBatches:
+    """Turns index tensors into device batches from one split's uint8 memmap."""
+
+    def __init__(self, array: np.ndarray, labels: np.ndarray, device: torch.device, channels_last: bool) -> None:
+        self.array = array
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.device = device
+        self.pin = device.type == "cuda"
+        self.format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [n, 3, S, S] (NHWC storage, so channels_last strides) and labels, on the device."""
+        rows = idx.numpy()
+        if self.pin:  # gather straight into page-locked memory, then an async copy
+            buf = torch.empty((len(rows), *self.array.shape[1:]), dtype=torch.uint8, pin_memory=True)
+            np.take(self.array, rows, axis=0, out=buf.numpy(), mode="clip")
+        else:
+            buf = torch.from_numpy(np.take(self.array, rows, axis=0))
+        x = buf.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        y = self.labels[idx].to(self.device, non_blocking=True)
+        return x, y
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=self.format)
+
+
+class CachedTrainStream:
+    def __init__(self, batches: CachedBatches, labels: np.ndarray, cfg: TrainConfig, augment: BatchAugment,
+                 mix: BatchMix) -> None:
+        self.batches, self.labels, self.cfg, self.augment, self.mix = batches, labels, cfg, augment, mix
+
+    def __len__(self) -> int:
+        return num_batches(len(self.labels), self.cfg.batch_size)
+
+    def _make(self, item: tuple[torch.Tensor, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, seed = item
+        x, y = self.batches.gather(idx)
+        x = self.augment(x, torch.Generator().manual_seed(seed))
+        if self.mix:
+            x, y = self.mix(x, y, seed)
+        return self.batches.finish(x), y
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        plan = epoch_plan(self.labels, self.cfg, epoch)
+        return prefetch(zip(plan.batches, plan.batch_seeds), self._make)
+
+
+class CachedEvalBatches:
+    """Re-iterable, in cache order, no augmentation."""
+
+    def __init__(self, batches: CachedBatches, n: int, batch_size: int, device: torch.device) -> None:
+        self.batches, self.n, self.batch_size = batches, n, batch_size
+        self.normalize = Normalize(device)
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def _make(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batches.gather(idx)
+        return self.batches.finish(self.normalize(x)), y
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return prefetch(torch.arange(self.n).split(self.batch_size), self._make)
+
+
+def build_cached(version, cfg: TrainConfig, device: torch.device, cache_root, progress: bool = True) -> Loaders:
+    cache = cache_mod.ensure_cache(version, cfg.image_size, cache_root, progress=progress)
+    cl = resolve_channels_last(cfg, device)
+    split = {s: CachedBatches(cache.arrays[s], cache.labels[s], device, cl) for s in cache_mod.SPLITS}
+    mix = BatchMix(cfg.augment, len(version.classes))
+    train = CachedTrainStream(split["train"], cache.labels["train"], cfg,
+                              BatchAugment(cfg.augment, cfg.image_size, device), mix)
+    val = CachedEvalBatches(split["val"], len(cache.labels["val"]), cfg.batch_size, device)
+    test = CachedEvalBatches(split["test"], len(cache.labels["test"]), cfg.batch_size, device)
+    return Loaders(train, val, test, list(version.classes), cache.labels["train"])
+
+
+# ---------------------------------------------------------------------------------- folder path
+
+def folder_transforms(aug: AugmentConfig | None, size: int):
+    """Per-image torchvision.transforms.v2 after `cache.load_rgb`; None aug = evaluation."""
+    from torchvision.transforms import v2
+
+    ops = [v2.ToImage()]
+    if aug is not None:
+        ops += [v2.RandomResizedCrop(size, scale=(aug.crop_scale_min, 1.0), ratio=CROP_RATIO, antialias=True),
+                v2.RandomHorizontalFlip(aug.hflip)]
+        if aug.rotation > 0:
+            ops.append(v2.RandomRotation(aug.rotation, fill=255))  # white, the decode rule's paper
+        if aug.color_jitter > 0:
+            cj = aug.color_jitter
+            ops.append(v2.ColorJitter(brightness=cj, contrast=cj, saturation=cj))
+        if aug.grayscale > 0:
+            ops.append(v2.RandomGrayscale(aug.grayscale))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return v2.Compose(ops)
+
+
+def folder_dataset(version, split: str, size: int, transform):
+    """ImageFolder over `<version dir>/<split>` with version.classes as the class order.
+
+    Samples are put in `cache.split_items` order and checked against the manifest, so index i
+    is the same image as row i of the cache.
+    """
+    from torchvision.datasets import ImageFolder
+
+    classes = list(version.classes)
+
+    class VersionFolder(ImageFolder):
+        def find_classes(self, directory):
+            return classes, {c: i for i, c in enumerate(classes)}
+
+    root = Path(version.dir) / split
+    paths, labels = cache_mod.split_items(version, split)
+    if not root.is_dir():
+        if paths:
+            raise ConfigError(f"{root} is missing but the manifest lists {len(paths)} {split} images; "
+                              "rebuild the version with `python -m research split ...`.")
+        root.mkdir(parents=True, exist_ok=True)  # never happens for a built version; keeps ImageFolder quiet
+    ds = VersionFolder(str(root), loader=partial(cache_mod.load_rgb, size=size), transform=transform, allow_empty=True)
+    order = {str(p): i for i, p in enumerate(paths)}
+    missing = [p for p, _ in ds.samples if p not in order]
+    if missing or len(ds.samples) != len(paths):
+        raise ConfigError(
+            f"{root} holds {len(ds.samples)} images but manifest.csv lists {len(paths)} for {split} "
+            f"(e.g. not in the manifest: {missing[:3]}); the version folder was edited: rebuild it with "
+            "`python -m research split ...`."
+        )
+    ds.samples.sort(key=lambda s: order[s[0]])
+    ds.imgs = ds.samples
+    ds.targets = [t for _, t in ds.samples]
+    if ds.targets != labels.tolist():
+        raise ConfigError(f"{root}: folder classes disagree with manifest.csv; rebuild the version.")
+    return ds
+
+
+class _Seeded(torch.utils.data.Dataset):
+    """dataset[(index, seed)]: the per-image random transforms draw from `seed` alone, so an epoch
+    is the same whatever num_workers is and whatever else used torch's global RNG."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        idx, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.base[idx]
+
+
+class _EpochBatchSampler(torch.utils.data.Sampler):
+    """Batches of (index, per-image seed) for the epoch set by set_epoch (indices from epoch_plan)."""
+
+    def __init__(self, labels: np.ndarray, cfg: TrainConfig) -> None:
+        self.labels, self.cfg, self.plan = labels, cfg, None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.plan = epoch_plan(self.labels, self.cfg, epoch)
+
+    def __len__(self) -> int:
+        return num_batches(len(self.labels), self.cfg.batch_size)
+
+    def __iter__(self):
+        for idx, seed in zip(self.plan.batches, self.plan.batch_seeds):
+            seeds = torch.randint(0, 2**62, (len(idx),), generator=torch.Generator().manual_seed(seed)).tolist()
+            yield list(zip(idx.tolist(), seeds))
+
+
+def _loader_kwargs(cfg: TrainConfig, device: torch.device) -> dict:
+    kw = {"num_workers": cfg.num_workers, "pin_memory": device.type == "cuda"}
+    if cfg.num_workers > 0:
+        kw.update(persistent_workers=True, prefetch_factor=4)
+    return kw
+
+
+class FolderTrainStream:
+    def __init__(self, dataset, labels: np.ndarray, cfg: TrainConfig, device: torch.device, mix: BatchMix) -> None:
+        self.labels, self.cfg, self.device, self.mix = labels, cfg, device, mix
+        self.format = torch.channels_last if resolve_channels_last(cfg, device) else torch.contiguous_format
+        self.sampler = _EpochBatchSampler(labels, cfg)
+        self.loader = torch.utils.data.DataLoader(_Seeded(dataset), batch_sampler=self.sampler,
+                                                  **_loader_kwargs(cfg, device))
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.set_epoch(epoch)
+        seeds = list(self.sampler.plan.batch_seeds)
+        for (x, y), seed in zip(self.loader, seeds):
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            if self.mix:
+                x, y = self.mix(x, y, seed)
+            yield x.contiguous(memory_format=self.format), y
+
+
+class FolderEvalBatches:
+    def __init__(self, dataset, cfg: TrainConfig, device: torch.device) -> None:
+        self.device = device
+        self.format = torch.channels_last if resolve_channels_last(cfg, device) else torch.contiguous_format
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
+                                                  **_loader_kwargs(cfg, device))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield (x.to(self.device, non_blocking=True).contiguous(memory_format=self.format),
+                   y.to(self.device, non_blocking=True))
+
+
+def build_folder(version, cfg: TrainConfig, device: torch.device) -> Loaders:
+    size = cfg.image_size
+    train_ds = folder_dataset(version, "train", size, folder_transforms(cfg.augment, size))
+    labels = np.asarray(train_ds.targets, dtype=np.int64)
+    mix = BatchMix(cfg.augment, len(version.classes))
+    train = FolderTrainStream(train_ds, labels, cfg, device, mix)
+    val = FolderEvalBatches(folder_dataset(version, "val", size, folder_transforms(None, size)), cfg, device)
+    test = FolderEvalBatches(folder_dataset(version, "test", size, folder_transforms(None, size)), cfg, device)
+    return Loaders(train, val, test, list(version.classes), labels)
+
+
+# ---------------------------------------------------------------------------------- entry point
+
+TrainStream = CachedTrainStream | FolderTrainStream
+
+
+def build_loaders(version, cfg: TrainConfig, device: torch.device, cache_root="data/cache") -> Loaders:
+    """Loaders for `version` (a Version, or a name / directory for load_version) under cfg.loader."""
+    if isinstance(version, (str, Path)):
+        from research.data.versions import load_version
+
+        version = load_version(version, cfg.data_root)
+    device = torch.device(device)
+    if cfg.loader == "cached":
+        return build_cached(version, cfg, device, cache_root)
+    if cfg.loader == "folder":
+        return build_folder(version, cfg, device)
+    raise ConfigError(f"loader={cfg.loader!r} is not valid. Choose cached or folder.")
