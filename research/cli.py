@@ -54,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(rest)
     args.command = name
     from research.config import ConfigError
+    from research.tracking import TrackingError
 
     try:
         return int(module.run(args) or 0)
-    except ConfigError as exc:
+    except (ConfigError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,106 @@
+"""Training: one real run in a private MLflow store on a tiny dataset version (32 px)."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from research import config as config_mod
+from research.config import ConfigError, TrainConfig
+from research.train import EPOCH_METRICS, resume, train
+
+REQUIRED_PARAMS = ("model", "dataset_version", "dataset_digest", "batch_size", "lr", "lr_schedule", "loss",
+                   "sampler", "epochs", "image_size", "seed", "optimizer")
+TEST_METRICS = ("test_accuracy", "test_precision_macro", "test_recall_macro", "test_f1_macro")
+
+
+def tiny_cfg(version_dir, tmp_path, **changes) -> TrainConfig:
+    base = dict(model="resnet18", dataset=str(version_dir), image_size=32, epochs=2, batch_size=8, lr=0.05,
+                lr_schedule="cosine", loss="focal", sampler="weighted", experiment="test-train",
+                checkpoint_dir=str(tmp_path / "ckpt"), device="cpu")
+    return config_mod.from_dict(TrainConfig, base | changes)
+
+
+def artifact_paths(client, run_id, path=""):
+    out = []
+    for f in client.list_artifacts(run_id, path):
+        out.extend(artifact_paths(client, run_id, f.path) if f.is_dir else [f.path])
+    return out
+
+
+def test_two_epoch_run_logs_params_metrics_artifacts(tiny_version, mlflow_store, tmp_path):
+    result = train(tiny_cfg(tiny_version, tmp_path))
+    client = mlflow.MlflowClient()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    for key in REQUIRED_PARAMS:
+        assert key in run.data.params, key
+    assert run.data.params["model"] == "resnet18" and run.data.params["loss"] == "focal"
+    for key in EPOCH_METRICS:
+        history = client.get_metric_history(result.run_id, key)
+        assert sorted(m.step for m in history) == [1, 2], key
+    for key in TEST_METRICS:
+        assert 0.0 <= run.data.metrics[key] <= 1.0
+    assert any(k.startswith("test_f1_") and k not in TEST_METRICS for k in run.data.metrics)  # per class
+    assert {"git_commit", "host", "device"} <= set(run.data.tags)
+    arts = artifact_paths(client, result.run_id)
+    for name in ("config.yaml", "confusion_matrix.png", "confusion_matrix_val.png", "classification_report_val.csv",
+                 "classification_report_test.csv", "checkpoint/best.pt", "model_meta.json"):
+        assert name in arts, (name, arts)
+    inputs = run.inputs.dataset_inputs
+    assert {i.dataset.digest for i in inputs}  # the version's mlflow.data datasets
+    assert {t.value for i in inputs for t in i.tags if t.key == "mlflow.data.context"} >= {"training", "validation"}
+    # MLflow 3 keeps the model as a LoggedModel of the run; runs:/<id>/model resolves to it
+    torch_model = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
+    assert torch_model.training is False or hasattr(torch_model, "train")  # a real nn.Module, trainable
+    assert torch_model.fc.out_features == len(__import__("json").loads(
+        (tiny_version / "version.json").read_text())["classes"])
+
+
+def test_interrupt_and_resume_matches_uninterrupted(tiny_version, mlflow_store, tmp_path):
+    full = train(tiny_cfg(tiny_version, tmp_path, epochs=3, run_name="full"))
+
+    def stop_after_2(epoch, row):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(tiny_version, tmp_path, epochs=3, run_name="interrupted"), on_epoch=stop_after_2)
+    client = mlflow.MlflowClient()
+    killed = client.search_runs([client.get_experiment_by_name("test-train").experiment_id],
+                                "attributes.run_name = 'interrupted'")[0]
+    assert killed.info.status == "KILLED"
+    resumed = resume(killed.info.run_id, checkpoint_root=str(tmp_path / "ckpt"))
+    assert resumed.run_id == killed.info.run_id
+    assert client.get_run(resumed.run_id).info.status == "FINISHED"
+    for key in EPOCH_METRICS:
+        assert sorted(m.step for m in client.get_metric_history(resumed.run_id, key)) == [1, 2, 3], key
+    for key in ("train_loss", "val_loss", "val_f1_macro"):
+        a = [m.value for m in sorted(client.get_metric_history(full.run_id, key), key=lambda m: m.step)]
+        b = [m.value for m in sorted(client.get_metric_history(resumed.run_id, key), key=lambda m: m.step)]
+        assert a == pytest.approx(b, abs=1e-6), key
+    assert resumed.test["test_f1_macro"] == pytest.approx(full.test["test_f1_macro"], abs=1e-9)
+
+
+def test_bad_choices_name_the_valid_ones(tiny_version, tmp_path):
+    with pytest.raises(ConfigError, match="resnet18"):
+        tiny_cfg(tiny_version, tmp_path, model="resnet19")
+    with pytest.raises(ConfigError, match="focal"):
+        tiny_cfg(tiny_version, tmp_path, loss="focall")
+    with pytest.raises(ConfigError, match="weighted"):
+        tiny_cfg(tiny_version, tmp_path, sampler="balanced")
+    with pytest.raises(ConfigError, match="1e-3"):
+        tiny_cfg(tiny_version, tmp_path, lr_schedule="1e-3:ten")
+    with pytest.raises(ConfigError, match="Unknown config key 'learning_rate'.*Valid keys:.* lr,"):
+        config_mod.from_dict(TrainConfig, {"learning_rate": 0.1})
+
+
+def test_missing_version_names_the_split_command(mlflow_store, tmp_path):
+    cfg = tiny_cfg(tmp_path / "nope", tmp_path, dataset="v9", data_root=str(tmp_path))
+    with pytest.raises(ConfigError, match="research split"):
+        train(cfg)
+
+
+def test_batch_larger_than_train_set(tiny_version, mlflow_store, tmp_path):
+    with pytest.raises(ConfigError, match="batch_size=100000"):
+        train(tiny_cfg(tiny_version, tmp_path, batch_size=100000))
