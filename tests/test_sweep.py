@@ -1,0 +1,102 @@
+"""Optuna studies: real journal storage, real MLflow store, tiny dataset."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+
+from research import config as config_mod
+from research.config import ConfigError
+from research.sweep import SweepSpec, load_spec, sweep
+
+SWEEPS = sorted((Path(__file__).resolve().parent.parent / "sweeps").glob("*.yaml"))
+
+
+def tiny_spec(version_dir, tmp_path, **changes) -> SweepSpec:
+    data = {
+        "study_name": "tiny",
+        "n_trials": 4,
+        "base": {"model": "resnet18", "dataset": str(version_dir), "image_size": 32, "epochs": 3, "batch_size": 8,
+                 "checkpoint_dir": str(tmp_path / "ckpt"), "device": "cpu", "lr_schedule": "constant"},
+        "space": {"lr": {"type": "float", "low": 1e-4, "high": 0.2, "log": True},
+                  "sampler": {"type": "categorical", "choices": ["shuffle", "weighted"]}},
+        "sampler": {"name": "random", "seed": 0},
+        # prune hard so a 4-trial study shows pruning: any trial below the median after epoch 1
+        "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+        "heartbeat_interval": 1, "heartbeat_grace": 5,
+    }
+    return config_mod.from_dict(SweepSpec, config_mod.merge(data, changes))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_every_shipped_spec_loads(path):
+    spec = load_spec(path)
+    assert spec.space and spec.n_trials > 0
+
+
+def test_empty_space_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="space"):
+        config_mod.from_dict(SweepSpec, {"base": {}, "space": {}})
+    with pytest.raises(ConfigError, match="space.lrr"):
+        config_mod.from_dict(SweepSpec, {"base": {}, "space": {"lrr": {"type": "float", "low": 1, "high": 2}}})
+
+
+def test_study_nests_trials_and_resumes(tiny_version, mlflow_store, tmp_path):
+    storage = f"journal:{tmp_path / 'study.journal'}"
+    spec = tiny_spec(tiny_version, tmp_path)
+    summary = sweep(spec, storage)
+    study = optuna.load_study(study_name="tiny", storage=__import__("research.sweep", fromlist=["x"]).make_storage(storage))
+    trials = study.get_trials()
+    assert len(trials) == 4
+    states = {t.number: t.state.name for t in trials}
+    assert set(states.values()) <= {"COMPLETE", "PRUNED"} and "COMPLETE" in states.values()
+    client = mlflow.MlflowClient()
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["optuna_study"] == "tiny"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4
+    for child in children:
+        number = int(child.data.tags["optuna_trial"])
+        assert child.data.tags["optuna_study"] == "tiny"
+        assert child.data.tags["optuna_state"] == states[number]
+        assert child.info.status == {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}[states[number]]
+        assert "val_f1_macro" in child.data.metrics and "lr" in child.data.params
+    plots = {f.path for f in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/optimization_history.png" in plots
+    assert parent.data.metrics["n_complete"] + parent.data.metrics.get("n_pruned", 0) == 4
+
+    # the same study name again resumes it: 2 more trials, same parent run
+    summary2 = sweep(tiny_spec(tiny_version, tmp_path, n_trials=6), storage)
+    assert summary2["parent_run_id"] == summary["parent_run_id"]
+    assert len(study.get_trials()) == 6
+
+
+def test_two_workers_finish_exactly_n_trials(tiny_version, mlflow_store, tmp_path):
+    storage = f"journal:{tmp_path / 'study.journal'}"
+    spec = tiny_spec(tiny_version, tmp_path, n_trials=5, study_name="two", base={"epochs": 1},
+                     pruner={"name": "none"})
+    summary = sweep(spec, storage, workers=2)
+    assert summary["counts"]["COMPLETE"] == 5
+    assert sum(summary["counts"].values()) == 5
+    client = mlflow.MlflowClient()
+    children = client.search_runs([client.get_run(summary["parent_run_id"]).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
+    assert sorted(int(c.data.tags["optuna_trial"]) for c in children) == [0, 1, 2, 3, 4]
+    assert len({c.data.tags.get("host", "") + c.data.tags["optuna_trial"] for c in children}) == 5
+
+
+def test_cli_runs_a_spec(tiny_version, mlflow_store, tmp_path):
+    spec_file = tmp_path / "s.yaml"
+    import yaml
+
+    data = config_mod.to_dict(tiny_spec(tiny_version, tmp_path, n_trials=1, study_name="cli", base={"epochs": 1}))
+    spec_file.write_text(yaml.safe_dump(data))
+    out = subprocess.run([sys.executable, "-m", "research", "sweep", str(spec_file), "--storage",
+                          f"journal:{tmp_path / 'cli.journal'}"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "research promote --study cli" in out.stdout
