@@ -1,0 +1,134 @@
+"""`python -m research predict`: classify image files with a registered (or any logged) model.
+
+The model is loaded once by URI (default `models:/illustration-classifier@champion`) through
+`research.registry.load_model`; files are sent in batches as the pyfunc's own input (column
+`image`, base64 bytes), so this command exercises exactly what a Python client or the HTTP
+server gets. A file that cannot be read or decoded is a row with an error, never a crash.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from research.config import ConfigError
+from research.registry import CHAMPION, MODEL_NAME
+
+console = Console()
+DEFAULT_URI = f"models:/{MODEL_NAME}@{CHAMPION}"
+
+
+def image_extensions() -> set[str]:
+    from PIL import Image
+
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def collect(paths: list[str | Path]) -> list[Path]:
+    """Files named on the command line, plus every image file (by extension) under named directories.
+
+    Hidden files and non-image extensions inside directories are skipped; a file named
+    explicitly is always tried, whatever its name.
+    """
+    exts = image_extensions()
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in exts
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            out.extend(found)
+        elif path.exists():
+            out.append(path)
+        else:
+            raise ConfigError(f"{path} does not exist; pass image files or directories of images.")
+    return out
+
+
+def top_k(row: pd.Series, prob_columns: list[str], k: int = 3) -> list[tuple[str, float]]:
+    values = [(c.removeprefix("p_"), float(row[c])) for c in prob_columns if not math.isnan(float(row[c]))]
+    return sorted(values, key=lambda t: -t[1])[:k]
+
+
+def predict_files(model, files: list[Path], batch_size: int = 64) -> pd.DataFrame:
+    """One row per file: file, label, probability, top3, p_<class>..., error."""
+    if batch_size <= 0:
+        raise ConfigError(f"--batch-size {batch_size} must be > 0.")
+    frames = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        payloads, read_errors = [], []
+        for f in chunk:
+            try:
+                payloads.append(base64.b64encode(f.read_bytes()).decode("ascii"))
+                read_errors.append("")
+            except OSError as exc:
+                payloads.append("")  # the model reports an empty payload as unreadable; the read error wins
+                read_errors.append(f"{type(exc).__name__}: {exc.strerror or exc}")
+        out = model.predict(pd.DataFrame({"image": payloads})).reset_index(drop=True)
+        out.insert(0, "file", [str(f) for f in chunk])
+        out["error"] = [r or e for r, e in zip(read_errors, out["error"].astype(str))]
+        frames.append(out)
+    if not frames:
+        return pd.DataFrame(columns=["file", "label", "probability", "top3", "error"])
+    result = pd.concat(frames, ignore_index=True)
+    probs = [c for c in result.columns if c.startswith("p_")]
+    result.insert(3, "top3", [top_k(row, probs) for _, row in result.iterrows()])
+    return result
+
+
+def print_table(result: pd.DataFrame, uri: str) -> None:
+    table = Table(title=f"{len(result)} file(s), model {uri}")
+    for col in ("file", "label", "probability", "top-3"):
+        table.add_column(col, justify="right" if col == "probability" else "left")
+    for _, row in result.iterrows():
+        if row["error"]:
+            table.add_row(row["file"], "[red]unreadable", "", f"[red]{row['error']}")
+            continue
+        top3 = ", ".join(f"{c} {p:.2f}" for c, p in row["top3"])
+        table.add_row(row["file"], row["label"], f"{row['probability']:.3f}", top3)
+    console.print(table)
+    bad = int((result["error"] != "").sum())
+    if bad:
+        console.print(f"[yellow]{bad} file(s) could not be read as images (listed above); the rest were classified.")
+
+
+def json_lines(result: pd.DataFrame) -> list[str]:
+    lines = []
+    for _, row in result.iterrows():
+        prob = float(row["probability"])
+        record = {"file": row["file"], "label": row["label"], "probability": None if math.isnan(prob) else prob,
+                  "top3": [[c, p] for c, p in row["top3"]], "error": row["error"]}
+        lines.append(json.dumps(record))
+    return lines
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or directories (recursive)")
+    parser.add_argument("--model", default=DEFAULT_URI,
+                        help=f"model URI (default {DEFAULT_URI}); also models:/NAME/Production, "
+                             "models:/NAME/<version>, runs:/<run_id>/classifier or runs:/<run_id>/model")
+    parser.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+
+
+def run(args) -> int:
+    from research.registry import load_model
+
+    files = collect(args.inputs)
+    if not files:
+        raise ConfigError(f"No image files under {', '.join(args.inputs)}.")
+    model = load_model(args.model)
+    result = predict_files(model, files, args.batch_size)
+    if args.json:
+        sys.stdout.write("".join(line + "\n" for line in json_lines(result)))
+    else:
+        print_table(result, args.model)
+    return 0

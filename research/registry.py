@@ -1,0 +1,616 @@
+"""Promote the best run to the MLflow model registry; load a registered model; the pyfunc wrapper.
+
+`promote(...)` picks the best FINISHED run that has a model (default: the best `vgg16_v2` by its
+best-epoch val macro F1), logs into that run a pyfunc model `classifier` that carries the
+preprocessing and the class names around the run's torch model, registers it as a new version
+of `illustration-classifier`, and moves the aliases: `champion` to the new version, `previous`
+to the one it replaces.
+
+Aliases are the lasting interface (`models:/illustration-classifier@champion`). Stages
+(`models:/illustration-classifier/Production`) are deprecated upstream (MLflow 2.9+) and still
+work in MLflow 3.17 with a FutureWarning; we also transition the new version to `Production`
+(archiving the old one) while the installed MLflow supports it, and warn when it does not.
+
+The torch module stays loadable for fine-tuning: `mlflow.pytorch.load_model(<version tag
+torch_model_uri>)`, i.e. `runs:/<run_id>/model`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from research import tracking
+from research.config import ConfigError
+
+console = Console()
+
+MODEL_NAME = "illustration-classifier"
+CHAMPION, PREVIOUS, STAGE = "champion", "previous", "Production"
+PYFUNC_NAME = "classifier"  # the pyfunc model's name inside the source run
+TORCH_NAME = "model"  # the torch model's name inside a training run (research/train.py)
+DEFAULT_FILTER = "vgg16_v2"
+DEFAULT_METRIC = "val_f1_macro"
+LOWER_IS_BETTER = ("loss",)  # a metric whose name contains one of these is minimised
+CHUNK = 64  # images per forward pass inside the pyfunc
+
+
+class PromotionRefused(ConfigError):
+    """The candidate is worse than the current champion on test macro F1 (pass --force to promote anyway)."""
+
+
+# ------------------------------------------------------------------------------ the classifier
+
+def prob_column(cls: str) -> str:
+    return f"p_{cls}"
+
+
+def decode_payload(value: Any) -> bytes:
+    """A cell of the `image` column -> image bytes: base64 text (the interface) or raw bytes."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected base64 text, got {type(value).__name__}")
+    text = value.strip()
+    if text.startswith("data:") and "," in text:  # a data URL: data:image/png;base64,....
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"not base64: {exc}") from exc
+
+
+class Classifier:
+    """A torch module + model_meta.json: bytes in, class probabilities out, with training's decode rule.
+
+    Preprocessing is training's own code: `research.data.cache.decode` (EXIF transpose, RGB with
+    alpha over white, squash to image_size x image_size with antialiased bicubic) and
+    `research.data.loaders.Normalize` (/255, ImageNet mean/std), so both see the same numbers.
+    """
+
+    def __init__(self, module, meta: dict[str, Any], device: str | None = None):
+        import torch
+
+        self.meta = meta
+        self.classes: list[str] = list(meta["classes"])
+        self.size = int(meta["image_size"])
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.module = module.to(self.device).eval()
+        self._check_meta()
+
+    def _check_meta(self) -> None:
+        from research.data import loaders
+
+        mean, std = tuple(self.meta.get("mean", loaders.IMAGENET_MEAN)), tuple(self.meta.get("std", loaders.IMAGENET_STD))
+        if not (np.allclose(mean, loaders.IMAGENET_MEAN) and np.allclose(std, loaders.IMAGENET_STD)):
+            raise ConfigError(f"model_meta.json mean/std {mean}/{std} differ from the loaders' ImageNet values; "
+                              "this code normalises with research.data.loaders.Normalize only.")
+
+    def pixels(self, data: bytes) -> np.ndarray:
+        """uint8 [S, S, 3] under the training decode rule."""
+        from research.data.cache import decode
+
+        return decode(io.BytesIO(data), self.size)
+
+    def tensor(self, arrays: list[np.ndarray]):
+        """uint8 [S, S, 3] list -> normalised float32 [B, 3, S, S] on the device (as training's eval batches)."""
+        import torch
+
+        from research.data.loaders import Normalize
+
+        x = torch.from_numpy(np.stack(arrays)).to(self.device).permute(0, 3, 1, 2)
+        return Normalize(self.device)(x).contiguous()
+
+    def probabilities(self, arrays: list[np.ndarray]) -> np.ndarray:
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(arrays), CHUNK):
+                logits = self.module(self.tensor(arrays[start : start + CHUNK]))
+                out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """DataFrame with column `image` -> label, probability, p_<class>..., error (one row per input row)."""
+        if "image" not in frame.columns:
+            raise ValueError(f"input needs a column 'image' of base64-encoded image bytes; got columns {list(frame.columns)}")
+        arrays, ok, errors = [], [], []
+        for value in frame["image"].tolist():
+            try:
+                arrays.append(self.pixels(decode_payload(value)))
+                ok.append(True)
+                errors.append("")
+            except Exception as exc:  # one unreadable image is that row's error, not the batch's
+                ok.append(False)
+                errors.append(row_error(exc))
+        probs = np.full((len(ok), len(self.classes)), np.nan, dtype=np.float64)
+        if arrays:
+            probs[np.array(ok)] = self.probabilities(arrays)
+        best = np.where(np.array(ok, dtype=bool), np.nan_to_num(probs, nan=-1.0).argmax(1), -1)
+        out = pd.DataFrame({
+            "label": [self.classes[i] if i >= 0 else "" for i in best],
+            "probability": [float(probs[r, i]) if i >= 0 else math.nan for r, i in enumerate(best)],
+        })
+        for j, cls in enumerate(self.classes):
+            out[prob_column(cls)] = probs[:, j]
+        out["error"] = errors
+        return out
+
+
+def row_error(exc: Exception) -> str:
+    """`UnidentifiedImageError: cannot identify image file` without the BytesIO object's address."""
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc)).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _read_meta(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / "extra_files" / "model_meta.json"
+    if not path.is_file():
+        raise ConfigError(f"{model_dir} has no extra_files/model_meta.json: it is not a model logged by research/train.py.")
+    return json.loads(path.read_text())
+
+
+def classifier_from_torch_dir(model_dir: str | Path, device: str | None = None) -> Classifier:
+    """A Classifier from a local copy of a training run's torch model (`runs:/<id>/model`)."""
+    import mlflow.pytorch
+    import torch
+
+    map_location = None if torch.cuda.is_available() else "cpu"  # a GPU-trained pickle on a CPU box
+    module = mlflow.pytorch.load_model(str(model_dir), map_location=map_location)
+    return Classifier(module, _read_meta(model_dir), device)
+
+
+try:
+    from mlflow.pyfunc import PythonModel as _PythonModel
+except ImportError:  # pragma: no cover - mlflow is a hard requirement
+    _PythonModel = object
+
+
+class IllustrationClassifier(_PythonModel):
+    """The registered pyfunc: column `image` (base64 image bytes) -> label, probability, p_<class>, error."""
+
+    def load_context(self, context) -> None:
+        self.classifier = classifier_from_torch_dir(context.artifacts["torch_model"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        if not isinstance(model_input, pd.DataFrame):
+            model_input = pd.DataFrame(model_input)
+        return self.classifier.predict_frame(model_input)
+
+
+# ------------------------------------------------------------------------------ loading
+
+def load_model(uri: str):
+    """Anything with `.predict(DataFrame)` for a model URI.
+
+    `models:/NAME@alias`, `models:/NAME/Production`, `models:/NAME/<version>`, `runs:/<id>/classifier`
+    load the registered pyfunc; a training run's torch model (`runs:/<id>/model`) is wrapped in
+    the same Classifier, so both give the same columns.
+    """
+    import mlflow
+
+    tracking.setup()
+    tracking.check_reachable()
+    try:
+        info = mlflow.models.get_model_info(uri)
+    except Exception as exc:
+        raise ConfigError(f"Cannot find model {uri!r} ({_short(exc)}). Promote one first with "
+                          f"`python -m research promote`, or list versions in `python -m research ui`.") from exc
+    loader = info.flavors.get("python_function", {}).get("loader_module")
+    if "pytorch" in info.flavors and loader == "mlflow.pytorch":
+        local = mlflow.artifacts.download_artifacts(uri)
+        return _ClassifierModel(classifier_from_torch_dir(local))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # stage URIs warn; they still resolve
+        return mlflow.pyfunc.load_model(uri)
+
+
+def load_champion(name: str = MODEL_NAME, alias: str = CHAMPION):
+    return load_model(f"models:/{name}@{alias}")
+
+
+class _ClassifierModel:
+    def __init__(self, classifier: Classifier):
+        self.classifier = classifier
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return self.classifier.predict_frame(frame)
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+# ------------------------------------------------------------------------------ picking a run
+
+@dataclasses.dataclass
+class Candidate:
+    run: Any  # mlflow.entities.Run
+    score: float  # the metric's best value over epochs
+    metric: str
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    @property
+    def test_f1(self) -> float | None:
+        return self.run.data.metrics.get("test_f1_macro")
+
+
+def _experiment_ids(client, experiment: str | None) -> list[str]:
+    if experiment:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            names = sorted(e.name for e in client.search_experiments())
+            raise ConfigError(f"No MLflow experiment named {experiment!r}. Experiments: {', '.join(names) or 'none'}.")
+        return [exp.experiment_id]
+    return [e.experiment_id for e in client.search_experiments()]
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def run_filter(study: str | None, model_filter: str | None) -> str:
+    parts = ["attributes.status = 'FINISHED'"]
+    if model_filter:
+        parts.append(f"params.model = {_quote(model_filter)}")
+    if study:
+        parts.append(f"tags.optuna_study = {_quote(study)}")
+    return " and ".join(parts)
+
+
+def runs_with_model(client, experiment_ids: list[str]) -> set[str]:
+    """Run ids that logged a torch model named `model` (MLflow 3 keeps it as a LoggedModel)."""
+    out: set[str] = set()
+    for start in range(0, len(experiment_ids), 100):
+        token = None
+        while True:
+            page = client.search_logged_models(experiment_ids[start : start + 100],
+                                               filter_string=f"name = '{TORCH_NAME}'", page_token=token)
+            out.update(m.source_run_id for m in page if m.source_run_id)
+            token = page.token
+            if not token:
+                break
+    return out
+
+
+def search_all_runs(client, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=1000, order_by=order_by, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def best_value(client, run, metric: str) -> float | None:
+    """The metric's best value over the run's history (max, or min for a loss); None when never logged."""
+    if metric not in run.data.metrics:
+        return None
+    history = [m.value for m in client.get_metric_history(run.info.run_id, metric) if not math.isnan(m.value)]
+    if not history:
+        return None
+    return min(history) if _minimise(metric) else max(history)
+
+
+def _minimise(metric: str) -> bool:
+    return any(word in metric for word in LOWER_IS_BETTER)
+
+
+def pick_run(client, *, study: str | None = None, run_id: str | None = None, experiment: str | None = None,
+             model_filter: str | None = DEFAULT_FILTER, metric: str = DEFAULT_METRIC) -> Candidate:
+    """The run to promote: `run_id` itself, or the best FINISHED run with a model in the scope."""
+    model_filter = None if model_filter in (None, "", "any") else model_filter
+    if run_id:
+        return _named_run(client, run_id, metric)
+    ids = _experiment_ids(client, experiment)
+    runs = search_all_runs(client, ids, run_filter(study, model_filter)) if ids else []
+    with_model = runs_with_model(client, ids) if runs else set()
+    scored = []
+    for run in runs:
+        if run.info.run_id not in with_model:
+            continue
+        value = best_value(client, run, metric)
+        if value is not None:
+            scored.append(Candidate(run, value, metric))
+    if not scored:
+        scope = " ".join(f"{k}={v!r}" for k, v in (("study", study), ("experiment", experiment),
+                                                    ("model", model_filter)) if v) or "all experiments"
+        raise ConfigError(
+            f"No FINISHED run with a model and metric {metric!r} in {scope} ({len(runs)} finished run(s) matched "
+            f"the filter). Train one (`python -m research train --model {model_filter or 'vgg16_v2'}`), "
+            "or widen the search: --model-filter any, another --study/--experiment, or --run RUN_ID."
+        )
+    sign = -1.0 if _minimise(metric) else 1.0
+    # ties go to the earlier run: a re-run that merely equals the champion does not displace it
+    scored.sort(key=lambda c: (-sign * c.score, c.run.info.start_time or 0))
+    return scored[0]
+
+
+def _named_run(client, run_id: str, metric: str) -> Candidate:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise ConfigError(f"No MLflow run {run_id!r} in {tracking.tracking_uri()} ({_short(exc)}).") from exc
+    if run.info.status != "FINISHED":
+        raise ConfigError(f"Run {run_id} is {run.info.status}, not FINISHED; only finished runs can be promoted "
+                          "(pruned trials end KILLED and have no model).")
+    if run_id not in runs_with_model(client, [run.info.experiment_id]):
+        raise ConfigError(f"Run {run_id} has no torch model `{TORCH_NAME}` (it was not logged by research/train.py, "
+                          "or the run was pruned).")
+    value = best_value(client, run, metric)
+    return Candidate(run, math.nan if value is None else value, metric)
+
+
+# ------------------------------------------------------------------------------ registering
+
+@dataclasses.dataclass
+class Promotion:
+    name: str
+    version: str
+    run_id: str
+    metric: str
+    score: float
+    test_f1: float | None
+    previous_version: str | None
+    previous_test_f1: float | None
+    already_champion: bool = False
+    reused_version: bool = False
+    stage: str | None = None
+    stage_note: str = ""
+    torch_model_uri: str = ""
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}@{CHAMPION}"
+
+
+def current_champion(client, name: str):
+    """The version holding alias `champion`, or None (no registered model or no alias yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def _tag_float(version, key: str) -> float | None:
+    try:
+        return float(version.tags[key])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def version_of_run(client, name: str, run_id: str):
+    """An existing version of `name` registered from `run_id` (so a re-promotion re-uses it)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = {_quote(name)} and tags.source_run_id = {_quote(run_id)}")
+    except MlflowException:
+        return None
+    versions = [v for v in versions if v.tags.get("source_run_id") == run_id]
+    return max(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def version_tags(cand: Candidate, meta: dict[str, Any]) -> dict[str, str]:
+    """Tags of a new version; dataset name and digest from model_meta.json (the param may hold a path)."""
+    run = cand.run
+    params, tags = run.data.params, run.data.tags
+    out = {
+        "source_run_id": cand.run_id,
+        "torch_model_uri": f"runs:/{cand.run_id}/{TORCH_NAME}",
+        "model": str(meta.get("model") or params.get("model", "")),
+        "dataset_version": str(meta.get("dataset_version") or params.get("dataset_version", "")),
+        "dataset_digest": str(meta.get("dataset_digest") or params.get("dataset_digest", "")),
+        "selection_metric": cand.metric,
+        f"best_{cand.metric}": f"{cand.score:.6f}",
+    }
+    if cand.test_f1 is not None:
+        out["test_f1_macro"] = f"{cand.test_f1:.6f}"
+    for key in ("optuna_study", "optuna_trial"):
+        if key in tags:
+            out[key] = tags[key]
+    return out
+
+
+def input_example() -> pd.DataFrame:
+    """A 32x32 white PNG, base64: the shape of a request."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "white").save(buf, format="PNG")
+    return pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode("ascii")]})
+
+
+def signature(classes: list[str]):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    outputs = [ColSpec("string", "label"), ColSpec("double", "probability")]
+    outputs += [ColSpec("double", prob_column(c)) for c in classes]
+    outputs.append(ColSpec("string", "error"))
+    return ModelSignature(inputs=Schema([ColSpec("string", "image")]), outputs=Schema(outputs))
+
+
+def log_pyfunc(client, run_id: str) -> tuple[str, dict[str, Any]]:
+    """Log the pyfunc `classifier` into `run_id` (its end time kept) around a copy of its torch model.
+
+    Returns the logged model's URI and the torch model's model_meta.json.
+    """
+    import mlflow
+
+    from research.train import pip_requirements
+
+    run = client.get_run(run_id)
+    end_time, status = run.info.end_time, run.info.status
+    with tempfile.TemporaryDirectory() as tmp:
+        torch_dir = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{TORCH_NAME}", dst_path=tmp)
+        meta = _read_meta(torch_dir)
+        classes = meta["classes"]
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=PYFUNC_NAME, python_model=IllustrationClassifier(), artifacts={"torch_model": torch_dir},
+                code_paths=[str(Path(__file__).resolve().parent)], pip_requirements=pip_requirements(),
+                signature=signature(classes), input_example=input_example(),
+            )
+    # re-opening the run set it RUNNING and moved its end time; the training's own times stay
+    client.set_terminated(run_id, status=status, end_time=end_time)
+    return info.model_uri, meta
+
+
+def register(client, cand: Candidate, name: str) -> str:
+    import mlflow
+
+    from mlflow.exceptions import MlflowException
+
+    model_uri, meta = log_pyfunc(client, cand.run_id)
+    version = mlflow.register_model(model_uri, name, tags=version_tags(cand, meta))
+    with contextlib.suppress(MlflowException):
+        if not client.get_registered_model(name).description:
+            client.update_registered_model(name, description=(
+                "Illustration classifier (pyfunc: column `image` = base64 image bytes -> label, probability, "
+                f"p_<class>, error). Load `models:/{name}@{CHAMPION}`: the alias is the lasting interface; stage "
+                f"`{STAGE}` is kept while MLflow supports stages (deprecated upstream). The torch module of a "
+                "version: its tag torch_model_uri."))
+    return str(version.version)
+
+
+def move_aliases(client, name: str, new: str, old: str | None) -> None:
+    if old is not None and old != new:
+        client.set_registered_model_alias(name, PREVIOUS, old)
+    client.set_registered_model_alias(name, CHAMPION, new)
+
+
+def transition_stage(client, name: str, version: str) -> tuple[str | None, str]:
+    """Production stage + archive the rest, while MLflow has stages; (stage or None, note)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            client.transition_model_version_stage(name, version, STAGE, archive_existing_versions=True)
+        return STAGE, "stages are deprecated upstream; aliases are the lasting interface"
+    except Exception as exc:  # a future MLflow without stages: the aliases are enough
+        note = f"stage transition unavailable ({_short(exc)}); use the alias @{CHAMPION}"
+        warnings.warn(note, stacklevel=2)
+        return None, note
+
+
+def promote(*, study: str | None = None, run_id: str | None = None, experiment: str | None = None,
+            model_filter: str | None = DEFAULT_FILTER, metric: str = DEFAULT_METRIC, name: str = MODEL_NAME,
+            force: bool = False) -> Promotion:
+    """Register the best run (or `run_id`) as the champion version of `name`; see the module docstring.
+
+    Raises PromotionRefused when the candidate's test macro F1 is below the champion's and not `force`.
+    Promoting the current champion's run again changes nothing.
+    """
+    import mlflow
+
+    tracking.setup()
+    tracking.check_reachable()
+    client = mlflow.MlflowClient()
+    cand = pick_run(client, study=study, run_id=run_id, experiment=experiment, model_filter=model_filter, metric=metric)
+    champ = current_champion(client, name)
+    champ_f1 = _tag_float(champ, "test_f1_macro") if champ is not None else None
+    result = Promotion(name, "", cand.run_id, metric, cand.score, cand.test_f1,
+                       str(champ.version) if champ is not None else None, champ_f1,
+                       torch_model_uri=f"runs:/{cand.run_id}/{TORCH_NAME}")
+    if champ is not None and champ.tags.get("source_run_id") == cand.run_id:
+        result.version, result.already_champion = str(champ.version), True
+        result.previous_version = _alias_version(client, name, PREVIOUS)
+        return result
+    if champ_f1 is not None and not force and (cand.test_f1 is None or cand.test_f1 < champ_f1):
+        cand_f1 = "none logged" if cand.test_f1 is None else f"{cand.test_f1:.4f}"
+        raise PromotionRefused(
+            f"Run {cand.run_id} has test_f1_macro {cand_f1}, below the champion's {champ_f1:.4f} "
+            f"({name} version {champ.version}, run {champ.tags.get('source_run_id', '?')}). "
+            "Not promoted; pass --force to promote it anyway."
+        )
+    existing = version_of_run(client, name, cand.run_id)
+    if existing is not None:
+        result.version, result.reused_version = str(existing.version), True
+    else:
+        result.version = register(client, cand, name)
+    move_aliases(client, name, result.version, result.previous_version)
+    result.stage, result.stage_note = transition_stage(client, name, result.version)
+    return result
+
+
+def _alias_version(client, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+# ------------------------------------------------------------------------------ CLI
+
+def add_arguments(parser) -> None:
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--study", help="pick among the trials of this Optuna study (tag optuna_study)")
+    scope.add_argument("--run", dest="run_id", metavar="RUN_ID", help="promote this run")
+    scope.add_argument("--experiment", help="pick among the runs of this MLflow experiment (default: all)")
+    parser.add_argument("--model-filter", default=DEFAULT_FILTER,
+                        help=f"only runs with params.model = this (default {DEFAULT_FILTER}; 'any' for all models)")
+    parser.add_argument("--metric", default=DEFAULT_METRIC,
+                        help=f"rank by this metric's best value over epochs (default {DEFAULT_METRIC})")
+    parser.add_argument("--name", default=MODEL_NAME, help=f"registered model name (default {MODEL_NAME})")
+    parser.add_argument("--force", action="store_true", help="promote even if test macro F1 is below the champion's")
+
+
+def run(args) -> int:
+    result = promote(study=args.study, run_id=args.run_id, experiment=args.experiment, model_filter=args.model_filter,
+                     metric=args.metric, name=args.name, force=args.force)
+    print_promotion(result)
+    return 0
+
+
+def print_promotion(p: Promotion) -> None:
+    fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
+    if p.already_champion:
+        console.print(f"[green]run {p.run_id} is already the champion[/]: {p.name} version {p.version} "
+                      f"(@{CHAMPION}); nothing changed.")
+        return
+    table = Table(title=f"promoted {p.name} version {p.version}", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    rows = [
+        ("source run", p.run_id),
+        (f"best {p.metric}", fmt(p.score)),
+        ("test_f1_macro", fmt(p.test_f1)),
+        ("version", p.version + (" (existing version of this run)" if p.reused_version else " (new)")),
+        (f"alias @{CHAMPION}", f"-> version {p.version}"),
+        (f"alias @{PREVIOUS}", f"-> version {p.previous_version} (test_f1_macro {fmt(p.previous_test_f1)})"
+         if p.previous_version and p.previous_version != p.version else "-"),
+        ("stage", f"{p.stage} (older versions archived; {p.stage_note})" if p.stage else p.stage_note),
+        ("load (pyfunc)", p.uri),
+        ("load (torch)", f"mlflow.pytorch.load_model({p.torch_model_uri!r})"),
+        ("serve", f"mlflow models serve -m {p.uri} --env-manager local -p 5001"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)

@@ -1,0 +1,302 @@
+"""Promote, load by alias / stage / version, predict, leaderboard: real trained runs in a private store.
+
+Two real training runs (resnet18, 32 px, on the session's tiny dataset version) are shared by
+the module: `good` (2 epochs) and `weak` (1 epoch at a learning rate too small to learn). Each
+test registers under its own model name, so tests do not see each other's aliases.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from research import config as config_mod
+from research import predict as predict_mod
+from research import runs as runs_mod
+from research.cli import main
+from research.config import ConfigError, TrainConfig
+from research.registry import (
+    CHAMPION, PREVIOUS, PromotionRefused, load_model, pick_run, promote,
+)
+
+EXPERIMENT = "test-registry"
+
+
+def tiny_cfg(version_dir: Path, tmp: Path, **changes) -> TrainConfig:
+    base = dict(model="resnet18", dataset=str(version_dir), image_size=32, epochs=2, batch_size=8, lr=0.05,
+                optimizer="adamw", lr_schedule="constant", experiment=EXPERIMENT, checkpoint_dir=str(tmp / "ckpt"),
+                device="cpu", seed=0)
+    return config_mod.from_dict(TrainConfig, base | changes)
+
+
+class Store:
+    """What the module's fixture leaves: the store URI, the version dir, the two runs' ids."""
+
+    def __init__(self, uri: str, version: Path, good: str, weak: str, workdir: Path):
+        self.uri, self.version, self.good, self.weak, self.workdir = uri, version, good, weak, workdir
+
+
+def private_store(mp: pytest.MonkeyPatch, root: Path) -> str:
+    """The `mlflow_store` fixture's environment (tests/conftest.py), for a module-scoped store."""
+    home = root / "mlruns"
+    home.mkdir(parents=True)
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    mp.setenv("RESEARCH_MLRUNS", str(home))
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    mp.chdir(root)  # the cached loader writes data/cache/ under the working directory
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def store(tiny_version, tmp_path_factory):
+    from research.train import train
+
+    root = tmp_path_factory.mktemp("registry")
+    with pytest.MonkeyPatch.context() as mp:
+        uri = private_store(mp, root)
+        good = train(tiny_cfg(tiny_version, root, run_name="good")).run_id
+        weak = train(tiny_cfg(tiny_version, root, run_name="weak", epochs=1, lr=1e-7)).run_id
+        yield Store(uri, tiny_version, good, weak, root)
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+
+
+def metric(run_id: str, key: str) -> float:
+    return mlflow.MlflowClient().get_run(run_id).data.metrics[key]
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def split_images(version: Path) -> tuple[list[Path], list[str]]:
+    """The version's test split in the loaders' order (cache.split_items) and the true classes."""
+    from research.data.cache import split_items
+    from research.data.versions import load_version
+
+    v = load_version(version)
+    paths, labels = split_items(v, "test")
+    return paths, [v.classes[i] for i in labels]
+
+
+
+
+def training_probabilities(store: Store, run_id: str) -> np.ndarray:
+    """Softmax of the run's torch model on the trainer's own test batches (training's decode and normalisation)."""
+    from research.data.loaders import build_loaders
+    from research.data.versions import load_version
+
+    cfg = tiny_cfg(store.version, store.workdir, loader="cached")
+    loaders = build_loaders(load_version(store.version), cfg, torch.device("cpu"), cache_root=store.workdir / "data/cache")
+    module = mlflow.pytorch.load_model(f"runs:/{run_id}/model").eval()
+    with torch.no_grad():
+        return np.concatenate([torch.softmax(module(x), 1).numpy() for x, _ in loaders.test])
+
+
+# ------------------------------------------------------------------------------ promote + load
+
+def test_promote_then_load_by_alias_stage_and_version_matches_training(store):
+    name = "clf-load"
+    p = promote(run_id=store.good, name=name)
+    assert (p.version, p.previous_version, p.already_champion) == ("1", None, False)
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias(name, CHAMPION)
+    run = client.get_run(store.good)
+    assert str(version.version) == "1" and version.current_stage == "Production"
+    assert version.tags["source_run_id"] == store.good
+    assert version.tags["dataset_version"] == "tiny"  # the version's name, also when trained from its path
+    assert version.tags["dataset_digest"] == run.data.params["dataset_digest"]
+    assert float(version.tags["test_f1_macro"]) == pytest.approx(run.data.metrics["test_f1_macro"], abs=1e-6)
+    assert version.tags["torch_model_uri"] == f"runs:/{store.good}/model"
+    assert run.info.status == "FINISHED"  # logging the pyfunc into the run left it as training did
+
+    paths, truth = split_images(store.version)
+    frame = pd.DataFrame({"image": [b64(p) for p in paths]})
+    expected = training_probabilities(store, store.good)
+    classes = json.loads((store.version / "version.json").read_text())["classes"]
+    prob_cols = [f"p_{c}" for c in classes]
+    for uri in (f"models:/{name}@champion", f"models:/{name}/Production", f"models:/{name}/1"):
+        out = mlflow.pyfunc.load_model(uri).predict(frame)
+        assert list(out.columns) == ["label", "probability", *prob_cols, "error"], uri
+        np.testing.assert_allclose(out[prob_cols].to_numpy(), expected, atol=1e-5, err_msg=uri)
+        assert list(out["label"]) == [classes[i] for i in expected.argmax(1)]
+        assert (out["error"] == "").all()
+    accuracy = float(np.mean(np.array(out["label"]) == np.array(truth)))
+    assert accuracy == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-6)
+
+    torch_module = mlflow.pytorch.load_model(version.tags["torch_model_uri"])  # still loadable to fine-tune
+    assert isinstance(torch_module, torch.nn.Module)
+    torch_module.train()
+    assert sum(p.requires_grad for p in torch_module.parameters()) > 0
+
+
+def test_promotion_moves_aliases_refuses_worse_and_is_idempotent(store, capsys):
+    name = "clf-aliases"
+    good_f1, weak_f1 = metric(store.good, "test_f1_macro"), metric(store.weak, "test_f1_macro")
+    assert weak_f1 < good_f1, "the weak run should test worse (1 epoch at lr 1e-7)"
+    client = mlflow.MlflowClient()
+
+    first = promote(run_id=store.weak, name=name)
+    assert first.version == "1"
+    again = promote(run_id=store.weak, name=name)
+    assert again.already_champion and again.version == "1"
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1  # nothing new registered
+
+    second = promote(run_id=store.good, name=name)
+    assert (second.version, second.previous_version) == ("2", "1")
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "2"
+    assert str(client.get_model_version_by_alias(name, PREVIOUS).version) == "1"
+    assert client.get_model_version(name, "1").current_stage == "Archived"
+    assert client.get_model_version(name, "2").current_stage == "Production"
+
+    with pytest.raises(PromotionRefused, match="below the champion's.*--force"):
+        promote(run_id=store.weak, name=name)
+    capsys.readouterr()
+    assert main(["promote", "--run", store.weak, "--name", name]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "2"
+
+    forced = promote(run_id=store.weak, name=name, force=True)
+    assert forced.version == "1" and forced.reused_version  # the run's existing version, not a copy
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "1"
+    assert str(client.get_model_version_by_alias(name, PREVIOUS).version) == "2"
+
+    capsys.readouterr()
+    assert main(["promote", "--run", store.weak, "--name", name]) == 0
+    assert "already the champion" in capsys.readouterr().out
+
+
+def test_pick_best_run_by_best_val_f1_with_model_filter(store):
+    client = mlflow.MlflowClient()
+    best = {rid: max(m.value for m in client.get_metric_history(rid, "val_f1_macro")) for rid in (store.good, store.weak)}
+    cand = pick_run(client, experiment=EXPERIMENT, model_filter="resnet18")
+    assert cand.run_id == max(best, key=best.get) and cand.score == pytest.approx(max(best.values()))
+    assert pick_run(client, model_filter="any").run_id == cand.run_id
+    with pytest.raises(ConfigError, match="No FINISHED run.*vgg16_v2.*--model-filter any"):
+        pick_run(client)  # the default filter: no vgg16_v2 here
+    with pytest.raises(ConfigError, match="No MLflow experiment named 'nope'"):
+        pick_run(client, experiment="nope")
+    assert main(["promote", "--experiment", EXPERIMENT, "--model-filter", "resnet18", "--name", "clf-cli"]) == 0
+    assert client.get_model_version_by_alias("clf-cli", CHAMPION).tags["source_run_id"] == cand.run_id
+    # --study: only that study's trials (the tag a sweep puts on its child runs)
+    worse = store.weak if cand.run_id == store.good else store.good
+    client.set_tag(worse, "optuna_study", "pick-study")
+    assert pick_run(client, study="pick-study", model_filter="resnet18").run_id == worse
+    with pytest.raises(ConfigError, match="study='other'"):
+        pick_run(client, study="other", model_filter="resnet18")
+
+
+# ------------------------------------------------------------------------------ predict
+
+def odd_images(paths: list[Path], out: Path) -> Path:
+    """A directory tree of test images in other formats and modes, a corrupt file and a non-image."""
+    out.mkdir()
+    (out / "sub").mkdir()
+    shutil.copy(paths[0], out / "a.png")
+    with Image.open(paths[1]) as im:
+        im.convert("RGB").save(out / "sub" / "b.jpg", quality=95)
+        im.convert("RGBA").save(out / "sub" / "c_rgba.png")
+        im.convert("L").resize((70, 50)).save(out / "d_gray.webp")
+    (out / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    (out / "notes.txt").write_text("not an image")
+    (out / ".hidden.png").write_bytes(paths[0].read_bytes())
+    return out
+
+
+def test_predict_directory_reports_corrupt_file_and_matches_pyfunc(store, tmp_path, capsys, monkeypatch):
+    name = "clf-predict"
+    promote(run_id=store.good, name=name)
+    paths, _ = split_images(store.version)
+    folder = odd_images(paths, tmp_path / "imgs")
+
+    capsys.readouterr()
+    assert main(["predict", str(folder), "--json", "--batch-size", "2", "--model", f"models:/{name}@champion"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    by_name = {Path(r["file"]).name: r for r in rows}
+    assert set(by_name) == {"a.png", "b.jpg", "c_rgba.png", "d_gray.webp", "corrupt.png"}  # no .txt, no hidden
+    assert by_name["corrupt.png"]["label"] == "" and by_name["corrupt.png"]["probability"] is None
+    assert by_name["corrupt.png"]["error"]  # PIL's own words (UnidentifiedImageError / truncated file)
+    for r in rows:
+        if r["file"].endswith("corrupt.png"):
+            continue
+        assert r["error"] == "" and 0.0 < r["probability"] <= 1.0
+        assert r["top3"][0] == [r["label"], pytest.approx(r["probability"])]
+    # the same answer as the pyfunc in Python, and as the run's torch model behind runs:/<id>/model
+    direct = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(pd.DataFrame({"image": [b64(folder / "a.png")]}))
+    assert by_name["a.png"]["label"] == direct["label"][0]
+    assert by_name["a.png"]["probability"] == pytest.approx(direct["probability"][0], abs=1e-6)
+    via_torch = load_model(f"runs:/{store.good}/model").predict(pd.DataFrame({"image": [b64(folder / "a.png")]}))
+    pd.testing.assert_frame_equal(via_torch, direct, atol=1e-6)
+    via_run = load_model(f"runs:/{store.good}/classifier").predict(pd.DataFrame({"image": [b64(folder / "a.png")]}))
+    pd.testing.assert_frame_equal(via_run, direct, atol=1e-6)
+
+    capsys.readouterr()
+    monkeypatch.setattr(predict_mod.console, "width", 200)  # a terminal, not pytest's 80 columns
+    assert main(["predict", str(folder / "corrupt.png"), str(folder / "a.png"), "--model", f"models:/{name}/1"]) == 0
+    table = capsys.readouterr().out
+    assert "unreadable" in table and "a.png" in table
+
+
+def test_pyfunc_reads_any_mode_and_flags_bad_rows(store):
+    name = "clf-modes"
+    promote(run_id=store.good, name=name)
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    buf = io.BytesIO()
+    Image.new("P", (40, 20), 3).save(buf, format="GIF")
+    frame = pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode(), "%%%not base64%%%", ""]})
+    out = model.predict(frame)
+    assert out["error"][0] == "" and out["label"][0] != ""
+    assert math.isclose(out.filter(like="p_").iloc[0].sum(), 1.0, rel_tol=1e-5)
+    assert "not base64" in out["error"][1] and out["label"][1] == "" and math.isnan(out["probability"][1])
+    assert out["error"][2] != ""
+
+
+def test_predict_missing_model_and_missing_path_are_clear(store, tmp_path, capsys):
+    img = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(img)
+    assert main(["predict", str(img), "--model", "models:/no-such-model@champion"]) == 2
+    assert "promote" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "missing.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ runs / ui / report
+
+def test_runs_leaderboard_ranks_by_best_val_f1(store, capsys, monkeypatch):
+    from research.runs import leaderboard
+
+    rows = leaderboard(experiment=EXPERIMENT)
+    assert {r["run_id"] for r in rows} == {store.good, store.weak}
+    assert rows[0]["val_f1_macro"] >= rows[1]["val_f1_macro"]
+    assert all(r["model"] == "resnet18" and r["dataset"] == "tiny" and r["seconds"] > 0 for r in rows)
+    capsys.readouterr()
+    monkeypatch.setattr(runs_mod.console, "width", 200)
+    assert main(["runs", "--experiment", EXPERIMENT, "--top", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet18" in out and store.good[:8] in out
+    assert main(["report"]) == 2
+    assert "issue 12" in capsys.readouterr().err
+
+
+def test_ui_command_points_at_the_store(store):
+    from research.runs import ui_command
+
+    cmd = ui_command("127.0.0.1", 5055)
+    assert cmd[1:4] == ["-m", "mlflow", "ui"]
+    assert cmd[cmd.index("--backend-store-uri") + 1] == store.uri
+    assert cmd[cmd.index("--default-artifact-root") + 1] == (store.workdir / "mlruns" / "artifacts").as_uri()
+    assert cmd[cmd.index("--port") + 1] == "5055"
