@@ -40,6 +40,7 @@ from research.config import ConfigError, TrainConfig
 
 console = Console()
 FINISHED_STATES = ("COMPLETE", "PRUNED")
+MAX_FAILS_IN_A_ROW = 3  # a worker whose trials keep crashing stops instead of burning the study
 
 
 # ----------------------------------------------------------------------------------- the spec
@@ -149,7 +150,7 @@ def base_config(spec: SweepSpec) -> TrainConfig:
     try:
         return config_mod.from_dict(TrainConfig, spec.base, prefix="base.")
     except ConfigError as exc:
-        raise ConfigError(f"sweep spec: {exc}") from exc
+        raise ConfigError(f"sweep spec base: {exc}") from exc
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
@@ -375,8 +376,12 @@ def run_worker(spec: SweepSpec, storage_url: str | None, spec_path: str | None =
     base = base_config(spec)
     experiment = spec.experiment or f"sweep-{spec.study_name}"
     deadline = time.time() + spec.timeout if spec.timeout else None
-    done_here = 0
+    done_here, failed_in_a_row = 0, 0
     while deadline is None or time.time() < deadline:
+        if failed_in_a_row >= MAX_FAILS_IN_A_ROW:
+            console.print(f"[red]{failed_in_a_row} trials in a row failed here; this worker stops "
+                          "(fix the error above, then run the same study again to resume it)")
+            break
         trial = next_trial(study, spec, storage_url, poll=min(spec.heartbeat_interval, 5.0))
         if trial is None:
             break
@@ -386,6 +391,7 @@ def run_worker(spec: SweepSpec, storage_url: str | None, spec_path: str | None =
             state, value = _run_trial(study, trial, spec, base, experiment, parent)
         study.tell(trial, value if state == "COMPLETE" else None, state=getattr(optuna.trial.TrialState, state))
         done_here += 1
+        failed_in_a_row = failed_in_a_row + 1 if state == "FAIL" else 0
     return done_here
 
 

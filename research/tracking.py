@@ -46,6 +46,7 @@ def is_local(uri: str | None = None) -> bool:
 def setup() -> str:
     """Point MLflow at the store; returns the tracking URI. Call before any MLflow use."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download floods logs
     for key, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     import mlflow

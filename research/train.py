@@ -8,12 +8,16 @@ between the two writes) are logged first, then training continues after the chec
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +43,10 @@ EPOCH_METRICS = (
 PARAM_NAMES = {"dataset": "dataset_version"}
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the run is marked FAILED (a sweep records the trial as FAIL)."""
 
 
 @dataclasses.dataclass
@@ -210,14 +218,15 @@ def train_one_epoch(model, stream, epoch, criterion, optimizer, scheduler, devic
 
 
 def epoch_table(rows: list[dict[str, float]]) -> Table:
-    table = Table(title="epochs", show_lines=False)
-    for col in ("epoch", "train_loss", "val_loss", "val_acc", "val_P", "val_R", "val_F1", "lr", "sec"):
-        table.add_column(col, justify="right")
+    """The seed's per-epoch box: losses, val accuracy and macro P/R/F1, lr, seconds (fits 80 columns)."""
+    table = Table(show_edge=False, padding=(0, 1), title_justify="left")
+    for col in ("epoch", "train\nloss", "val\nloss", "val\nacc", "val\nP", "val\nR", "val\nF1", "lr", "sec"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         table.add_row(
             str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}", f"{r['val_accuracy']:.3f}",
             f"{r['val_precision_macro']:.3f}", f"{r['val_recall_macro']:.3f}", f"{r['val_f1_macro']:.3f}",
-            f"{r['lr']:.2e}", f"{r['epoch_seconds']:.1f}",
+            f"{r['lr']:.1e}", f"{r['epoch_seconds']:.0f}",
         )
     return table
 
@@ -327,6 +336,11 @@ def train(
                 lr = scheduler.current_lr()
                 train_loss = train_one_epoch(step_model, loaders.train, epoch, criterion, optimizer, scheduler,
                                              device, cfg.amp, progress)
+                if not math.isfinite(train_loss):
+                    raise TrainingDiverged(
+                        f"epoch {epoch}: train loss is {train_loss} (lr={lr:.2e}, {cfg.optimizer}); the run diverged. "
+                        "Lower --lr, add warm-up (--set warmup_epochs=1 with --lr-schedule cosine) or use a BN model."
+                    )
                 val = evaluate(step_model, loaders.val, criterion, device, cfg.amp, len(classes))
                 seconds = time.perf_counter() - t0
                 state["total_seconds"] += seconds
@@ -348,7 +362,8 @@ def train(
                     "scheduler": scheduler.state_dict(), "state": state, "rng": rng_state(),
                     "config": config_mod.to_dict(cfg), "run_id": run_id, "classes": classes,
                 }, ckdir / "last.pt")
-                _log_epoch(client, run_id, row)
+                with _hold_ctrl_c():
+                    _log_epoch(client, run_id, row)
                 console.print(epoch_table([row]))  # a box per epoch, as the seed printed
                 if on_epoch is not None:
                     on_epoch(epoch, row)
@@ -358,7 +373,8 @@ def train(
                     break
         test = _finish(cfg, model, loaders, criterion, device, classes, version, ckdir, state["best_epoch"])
     except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+        with contextlib.suppress(Exception):  # the store may be unusable now; resume takes a RUNNING run too
+            mlflow.end_run("KILLED")
         console.print(f"[yellow]interrupted[/]: run {run_id} marked KILLED; resume with "
                       f"`python -m research train --resume {run_id}`")
         raise
@@ -373,6 +389,23 @@ def train(
     mlflow.end_run(status)
     shutil.rmtree(ckdir, ignore_errors=True)  # the best checkpoint and the model live in the run now
     return TrainResult(run_id, status, state["best_epoch"], state["best_val_f1"], state["epoch"], test, state["history"])
+
+
+@contextlib.contextmanager
+def _hold_ctrl_c():
+    """Delay Ctrl-C until an MLflow write is done: a KeyboardInterrupt inside SQLAlchemy can leave the
+    sqlite store's connection mid-transaction ("database is locked"), and the run could not be ended."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _log_input(dataset, context: str, attempts: int = 4) -> None:

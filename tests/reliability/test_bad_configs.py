@@ -1,0 +1,86 @@
+"""Fault 6: bad configs through the real CLI.
+
+Unknown keys, wrong types, a negative lr, a batch size larger than the training set and a sweep spec
+with an empty search space: each exits with code 2, one `error:` message on stderr naming the key
+and the fix, and no traceback. Nothing is trained and no MLflow run is created.
+"""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tests.reliability import cli_env, run_cli, tiny_train_config
+
+# (case id, how to write the train config / CLI args, substrings the error must hold: key, fix)
+TRAIN_CASES = {
+    "unknown key in file": ({"batchsize": 16}, [], ["'batchsize'", "Did you mean 'batch_size'?", "Valid keys"]),
+    "unknown key in --set": ({}, ["--set", "augment.mixupp=0.2"], ["'augment.mixupp'", "Did you mean 'mixup'?"]),
+    "wrong type in file": ({"epochs": "three"}, [], ["epochs", "expected an integer", "'three'"]),
+    "wrong type in --set": ({}, ["--set", "augment.hflip=yes please"], ["augment.hflip", "expected a number"]),
+    "negative lr": ({}, ["--lr", "-0.01"], ["lr=-0.01", "must be > 0"]),
+    "batch larger than train set": ({}, ["--batch-size", "4096"],
+                                    ["batch_size=4096", "larger than the training set", "--batch-size"]),
+}
+
+
+@pytest.fixture
+def cli(tmp_path, mlflow_store):
+    work = tmp_path / "work"
+    work.mkdir()
+    env = cli_env()  # inherits MLFLOW_TRACKING_URI / RESEARCH_MLRUNS of the private store
+
+    def run(*args):
+        out, seconds = run_cli(*args, cwd=work, env=env, timeout=180)
+        print(f"{' '.join(map(str, args))[-80:]}: rc {out.returncode} in {seconds:.1f}s: {out.stderr.strip()[-250:]}")
+        return out
+
+    return run
+
+
+def assert_config_error(out, needles: list[str]) -> None:
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert out.stderr.startswith("error: "), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr + out.stdout, out.stderr[-3000:]
+    for needle in needles:
+        assert needle in out.stderr, (needle, out.stderr)
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_train_config_errors(case, cli, tiny_version, tmp_path, mlflow_store):
+    changes, args, needles = TRAIN_CASES[case]
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_train_config(tiny_version, tmp_path / "ckpt") | changes))
+    out = cli("train", "--config", cfg, *args)
+    assert_config_error(out, needles)
+    assert not (tmp_path / "ckpt").exists()
+    import mlflow
+
+    exp = mlflow.MlflowClient().get_experiment_by_name("reliability")
+    assert exp is None or not mlflow.MlflowClient().search_runs([exp.experiment_id])
+
+
+SWEEP_CASES = {
+    "empty space": ({"space": {}}, ["`space` is empty", "space: {lr: {type: float"]),
+    "unknown key in space": ({"space": {"lrr": {"type": "float", "low": 1e-3, "high": 0.1}}},
+                             ["space.lrr", "Did you mean 'lr'?"]),
+    "unknown top-level key": ({"n_trails": 3}, ["'n_trails'", "Did you mean 'n_trials'?"]),
+    "negative lr in base": ({"base_lr": -1}, ["lr=-1", "must be > 0"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SWEEP_CASES))
+def test_sweep_spec_errors(case, cli, tiny_version, tmp_path):
+    changes, needles = SWEEP_CASES[case]
+    spec = {
+        "study_name": "bad", "n_trials": 2,
+        "base": tiny_train_config(tiny_version, tmp_path / "ckpt"),
+        "space": {"lr": {"type": "float", "low": 1e-3, "high": 0.1, "log": True}},
+    }
+    if "base_lr" in changes:
+        spec["base"]["lr"] = changes.pop("base_lr")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec | changes))
+    out = cli("sweep", path, "--storage", f"journal:{tmp_path / 'bad.journal'}")
+    assert_config_error(out, needles)
+    assert not (tmp_path / "bad.journal").exists()  # rejected before the study storage is touched
