@@ -21,7 +21,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "promote": ("research.registry", "register the best run as the champion model version"),
     "predict": ("research.predict", "classify images with a registered model"),
     "runs": ("research.runs", "leaderboard of runs in the terminal"),
-    "report": ("research.runs", "champion vs seed recipe report for a study"),
     "ui": ("research.runs", "start the MLflow UI on the tracking store"),
     "demo": ("research.demo", "the whole pipeline end to end on the embedded dataset"),
 }
@@ -67,5 +66,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _takes_name(module) -> bool:
-    """A module serving several commands (runs/report/ui) takes the command name too."""
+    """A module serving several commands (runs/ui) takes the command name too."""
     return module.add_arguments.__code__.co_argcount == 2

@@ -115,8 +115,6 @@ def add_arguments(parser, name: str) -> None:
         parser.add_argument("--port", type=int, default=5000)
         parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to reach it from other machines")
         parser.add_argument("--workers", type=int, default=1, help="server worker processes (default 1: fast start)")
-    elif name == "report":
-        parser.add_argument("--study", help="the Optuna study to report on")
 
 
 def run(args) -> int:
@@ -135,6 +133,4 @@ def run(args) -> int:
         sys.stdout.flush()
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION=os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"))
         os.execvpe(cmd[0], cmd, env)
-    if args.command == "report":
-        raise ConfigError("not implemented yet: see issue 12")
     raise ConfigError(f"unknown command {args.command!r} for research.runs")

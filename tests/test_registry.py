@@ -274,7 +274,7 @@ def test_predict_missing_model_and_missing_path_are_clear(store, tmp_path, capsy
     assert "does not exist" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------------------ runs / ui / report
+# ------------------------------------------------------------------------------ runs / ui
 
 def test_runs_leaderboard_ranks_by_best_val_f1(store, capsys, monkeypatch):
     from research.runs import leaderboard
@@ -288,8 +288,6 @@ def test_runs_leaderboard_ranks_by_best_val_f1(store, capsys, monkeypatch):
     assert main(["runs", "--experiment", EXPERIMENT, "--top", "5"]) == 0
     out = capsys.readouterr().out
     assert "resnet18" in out and store.good[:8] in out
-    assert main(["report"]) == 2
-    assert "issue 12" in capsys.readouterr().err
 
 
 def test_ui_command_points_at_the_store(store):

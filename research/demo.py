@@ -1,0 +1,125 @@
+"""`python -m research demo`: the whole pipeline on the embedded dataset, sized for a laptop CPU.
+
+build -> scan -> eda -> clean (auto) -> split (v3) -> sweep (sweeps/demo.yaml) -> promote -> predict.
+Every stage reuses what an earlier run left (and says so): the dataset, the clean dir and the
+version are kept when present; the study resumes (a finished one only re-summarises); promoting
+the same champion again changes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from research import tracking
+
+console = Console()
+RAW = Path("data/raw/emoji20")
+CLEAN = Path("data/clean/emoji20")
+VERSIONS = Path("data/versions")
+EDA = Path("reports/eda/emoji20")
+SPEC = Path(__file__).resolve().parent.parent / "sweeps" / "demo.yaml"
+
+
+def step(name: str) -> None:
+    console.rule(f"[bold]{name}")
+
+
+def demo(workers: int | None = None, spec_path: Path = SPEC, predict_n: int = 6) -> dict:
+    from research.data.clean import clean
+    from research.data.emoji import build_dataset
+    from research.data.split import build_version
+    from research.eda import run_eda
+    from research.predict import predict_files
+    from research.registry import load_model, promote
+    from research.sweep import load_spec, sweep
+
+    t0, timings, notes = time.perf_counter(), {}, {}
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        out = fn()
+        timings[name] = time.perf_counter() - start
+        return out
+
+    step("1/7 dataset")
+    if (RAW / "labels.csv").is_file():
+        console.print(f"reusing {RAW} (delete it to rebuild)")
+    else:
+        timed("build", lambda: build_dataset(RAW, seed=0, workers=workers))
+
+    step("2/7 scan + eda")
+    if (EDA / "summary.json").is_file():
+        console.print(f"reusing {EDA}")
+    else:
+        timed("eda", lambda: run_eda(RAW, EDA, workers=workers))
+
+    step("3/7 clean")
+    if (CLEAN / "clean.json").is_file():
+        console.print(f"reusing {CLEAN}")
+        import json
+
+        cleaned = json.loads((CLEAN / "clean.json").read_text())
+    else:
+        cleaned = timed("clean", lambda: clean(RAW, method="auto", out=CLEAN, workers=workers))
+    notes["photo_f1"] = (cleaned.get("metrics") or {}).get("f1")
+
+    step("4/7 split v3")
+    version_dir = VERSIONS / "v3"
+    if (version_dir / "version.json").is_file():
+        console.print(f"reusing {version_dir}")
+    else:
+        timed("split", lambda: build_version(CLEAN, "v3", out_root=VERSIONS, workers=workers))
+
+    step("5/7 sweep")
+    spec = load_spec(spec_path)
+    summary = timed("sweep", lambda: sweep(spec, spec_path=str(spec_path)))
+
+    step("6/7 promote")
+    promotion = timed("promote", lambda: promote(study=spec.study_name))
+    console.print(f"champion: {promotion.uri} = version {promotion.version} (run {promotion.run_id})"
+                  + ("  [dim](already champion)" if promotion.already_champion else ""))
+
+    step("7/7 predict")
+    from research.data.versions import load_version
+
+    test = load_version("v3", VERSIONS).split_frame("test")
+    files = [Path(f) for f in test.groupby("class").head(1)["file"].head(predict_n)]
+    model = load_model(promotion.uri)
+    preds = predict_files(model, files)
+    preds.insert(1, "true", list(test.groupby("class").head(1)["class"].head(predict_n)))
+    table = Table(title=f"{promotion.uri} on {len(files)} test images")
+    for col in ("file", "true", "label", "probability"):
+        table.add_column(col)
+    for _, row in preds.iterrows():
+        table.add_row(Path(row["file"]).name, row["true"], row["label"], f"{row['probability']:.2f}")
+    console.print(table)
+
+    total = time.perf_counter() - t0
+    lines = [
+        f"photo-detection F1 (clean, method {cleaned.get('method')}/{cleaned.get('features')}): "
+        f"{notes['photo_f1'] if notes['photo_f1'] is not None else 'n/a'}",
+        f"study {spec.study_name}: {summary['counts']}; best trial {summary.get('best_trial')} "
+        f"val_f1_macro={summary.get('best_value', float('nan')):.4f} params={summary.get('best_params')}",
+        f"champion {promotion.uri}: version {promotion.version}, test_f1_macro={promotion.test_f1 or float('nan'):.4f}",
+        f"dataset: {RAW}/   eda: {EDA}/   clean: {CLEAN}/   version: {version_dir}/",
+        f"tracking store: {tracking.tracking_uri()}   study storage: mlruns/optuna.journal",
+        "open the MLflow UI: python -m research ui   (then http://127.0.0.1:5000)",
+        f"wall time {total:.0f}s  " + "  ".join(f"{k} {v:.0f}s" for k, v in timings.items()),
+    ]
+    console.print(Panel("\n".join(lines), title="demo summary"))
+    return {"seconds": total, "timings": timings, "study": summary, "promotion": promotion, "predictions": preds}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--workers", type=int, help="processes for build/scan/clean (default: all cores)")
+    parser.add_argument("--spec", type=Path, default=SPEC, help="the sweep spec (default sweeps/demo.yaml)")
+
+
+def run(args) -> int:
+    demo(workers=args.workers, spec_path=args.spec)
+    return 0
