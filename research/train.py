@@ -168,16 +168,30 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 # -------------------------------------------------------------------------------- evaluation
 
+@contextlib.contextmanager
+def closing_iter(iterable):
+    """Iterate, and close the iterator on any exit: a loader's prefetch thread must stop before a
+    Ctrl-C reaches the interpreter's exit (a torch op still running there aborts the process)."""
+    it = iter(iterable)
+    try:
+        yield it
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
 @torch.no_grad()
 def predict_batches(model, batches, device: torch.device, amp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Logits, targets and predictions over an evaluation iterable."""
     model.eval()
     logits, targets = [], []
-    for x, y in batches:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(x)
-        logits.append(out.float().cpu())
-        targets.append(y.cpu())
+    with closing_iter(batches) as it:
+        for x, y in it:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = model(x)
+            logits.append(out.float().cpu())
+            targets.append(y.cpu())
     all_logits = torch.cat(logits) if logits else torch.empty(0)
     all_targets = torch.cat(targets) if targets else torch.empty(0, dtype=torch.long)
     return all_logits.numpy(), all_targets.numpy(), all_logits.argmax(1).numpy()
@@ -200,16 +214,17 @@ def train_one_epoch(model, stream, epoch, criterion, optimizer, scheduler, devic
     model.train()
     total, count = 0.0, 0
     task = progress.add_task(f"epoch {epoch}", total=len(stream))
-    for x, y in stream.epoch(epoch):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = criterion(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step_batch()
-        total += float(loss.detach()) * x.shape[0]
-        count += x.shape[0]
-        progress.advance(task)
+    with closing_iter(stream.epoch(epoch)) as batches:
+        for x, y in batches:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = criterion(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step_batch()
+            total += float(loss.detach()) * x.shape[0]
+            count += x.shape[0]
+            progress.advance(task)
     progress.remove_task(task)
     scheduler.step_epoch()
     if count == 0:
