@@ -102,7 +102,7 @@ def demo(workers: int | None = None, spec_path: Path = SPEC, predict_n: int = 6)
     total = time.perf_counter() - t0
     lines = [
         f"photo-detection F1 (clean, method {cleaned.get('method')}/{cleaned.get('features')}): "
-        f"{notes['photo_f1'] if notes['photo_f1'] is not None else 'n/a'}",
+        f"{'n/a' if notes['photo_f1'] is None else format(notes['photo_f1'], '.3f')}",
         f"study {spec.study_name}: {summary['counts']}; best trial {summary.get('best_trial')} "
         f"val_f1_macro={summary.get('best_value', float('nan')):.4f} params={summary.get('best_params')}",
         f"champion {promotion.uri}: version {promotion.version}, test_f1_macro={promotion.test_f1 or float('nan'):.4f}",

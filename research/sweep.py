@@ -373,6 +373,10 @@ def run_worker(spec: SweepSpec, storage_url: str | None, spec_path: str | None =
     with slot_lock(storage_url, spec.study_name):
         study = open_study(spec, storage_url)
         parent = parent_run_id(study, spec, spec_path)
+    finished = sum(t.state.name in FINISHED_STATES for t in study.get_trials(deepcopy=False))
+    if finished:
+        console.print(f"study {spec.study_name}: reusing {finished} finished trial(s) of {spec.n_trials} "
+                      f"({storage_url or default_storage_url()})")
     base = base_config(spec)
     experiment = spec.experiment or f"sweep-{spec.study_name}"
     deadline = time.time() + spec.timeout if spec.timeout else None
