@@ -52,7 +52,11 @@ def test_two_epoch_run_logs_params_metrics_artifacts(tiny_version, mlflow_store,
     assert {t.value for i in inputs for t in i.tags if t.key == "mlflow.data.context"} >= {"training", "validation"}
     # MLflow 3 keeps the model as a LoggedModel of the run; runs:/<id>/model resolves to it
     torch_model = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
-    assert torch_model.training is False or hasattr(torch_model, "train")  # a real nn.Module, trainable
+    import torch
+
+    torch_model.train()  # pickle format: a plain nn.Module that can be fine-tuned
+    torch_model(torch.rand(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in torch_model.parameters() if p.requires_grad)
     assert torch_model.fc.out_features == len(__import__("json").loads(
         (tiny_version / "version.json").read_text())["classes"])
 
