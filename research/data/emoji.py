@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from research.data.scan import progress_bar
+
 CLASSMAP = Path(__file__).with_name("emoji20.csv")
 LABEL_COLUMNS = ["path", "class", "style", "group", "emoji", "is_photo", "source", "license"]
 STYLES = ("openmoji", "twemoji", "noto")
@@ -385,7 +387,7 @@ def _render_all(items: list[Item], out: Path, seed: int, workers: int | None, pr
     chunks = [items[i : i + 16] for i in range(0, len(items), 16)]
     tasks = [(chunk, str(out), seed) for chunk in chunks]
     rows: list[dict] = []
-    with _Progress(progress, len(items), f"build {out.name.removesuffix('.partial')}") as advance:
+    with progress_bar(progress, len(items), f"build {out.name.removesuffix('.partial')}") as advance:
         if workers == 1:
             results = map(_make_many, tasks)
             for chunk_rows in results:
@@ -397,28 +399,6 @@ def _render_all(items: list[Item], out: Path, seed: int, workers: int | None, pr
                     rows += chunk_rows
                     advance(len(chunk_rows))
     return rows
-
-
-class _Progress:
-    """A rich progress bar (or nothing); yields `advance(n)`."""
-
-    def __init__(self, enabled: bool, total: int, label: str):
-        self.enabled, self.total, self.label = enabled, total, label
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        self.bar.__enter__()
-        task = self.bar.add_task(self.label, total=self.total)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.__exit__(*exc)
-        return False
 
 
 def count_table(labels: list[dict]) -> dict[str, dict[str, int]]:

@@ -24,6 +24,7 @@ Bad files are rows with `ok=False` and a reason in `error`; nothing raises. Deci
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -236,7 +237,7 @@ def scan(root: str | Path, workers: int | None = None, progress: bool = True):
     workers = max(1, workers or os.cpu_count() or 1)
     chunks = [entries[i : i + _CHUNK] for i in range(0, len(entries), _CHUNK)]
     rows: list[Row] = []
-    with _progress(progress, len(entries), root) as advance:
+    with progress_bar(progress, len(entries), f"scan {root}", transient=True) as advance:
         if workers == 1 or len(entries) < _INLINE_BELOW:
             for chunk in chunks:
                 rows.extend(_inspect_chunk(chunk))
@@ -253,27 +254,18 @@ def scan(root: str | Path, workers: int | None = None, progress: bool = True):
     return df
 
 
-class _progress:
-    """A rich progress bar (or nothing); yields `advance(n)`."""
+@contextlib.contextmanager
+def progress_bar(enabled: bool, total: int, label: str, transient: bool = False):
+    """A rich progress bar (or nothing) for the data stages; yields `advance(n)`."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    def __init__(self, enabled: bool, total: int, root: Path):
-        self.enabled, self.total, self.root = enabled, total, root
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(TextColumn("scan {task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), transient=True)
-        self.bar.__enter__()
-        task = self.bar.add_task(str(self.root), total=self.total)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.__exit__(*exc)
-        return False
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=transient) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def inventory_digest(df) -> str:
