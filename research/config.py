@@ -222,6 +222,7 @@ class TrainConfig:
     # what to train, on what
     model: str = "vgg16_v2"
     pretrained: bool = False
+    dropout: float | None = None  # head dropout; None = the architecture's (0.5 in the VGGs, as the seed had)
     dataset: str = "v3"  # a version name under data/versions/, or a version directory
     data_root: str = "data/versions"
     image_size: int = 64
@@ -234,6 +235,11 @@ class TrainConfig:
     weight_decay: float = 5e-4
     lr_schedule: str = "constant"
     warmup_epochs: int = 0  # linear warm-up, for cosine
+    grad_clip: float = 0.0  # max global gradient norm per step (torch clip_grad_norm_); 0 = off
+    # lr multiplier for the classifier head (differential learning rates): > 1 for a pretrained trunk; < 1 for
+    # vgg16_v2 below 224 px, whose first head layer sees the 7x7 pool's copies of a smaller map (at 32 px a 1x1
+    # map copied 49 times, so each update lands 49 times: an effective lr 49x the nominal one)
+    head_lr_scale: float = 1.0
     step_size: int = 10  # for step
     step_gamma: float = 0.1  # for step
     # imbalance
@@ -273,15 +279,19 @@ class TrainConfig:
             from research.schedules import parse_epoch_list  # raises a ConfigError with an example
 
             parse_epoch_list(self.lr_schedule)
-        positive = {"lr": self.lr, "epochs": self.epochs, "batch_size": self.batch_size, "image_size": self.image_size}
+        positive = {"lr": self.lr, "epochs": self.epochs, "batch_size": self.batch_size, "image_size": self.image_size,
+                    "head_lr_scale": self.head_lr_scale}
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{key}={value} must be > 0.")
         if self.image_size < 16:
             raise ConfigError(f"image_size={self.image_size} is too small; use 32 or more.")
-        for key in ("weight_decay", "momentum", "label_smoothing", "warmup_epochs", "early_stopping_patience", "num_workers"):
+        for key in ("weight_decay", "momentum", "label_smoothing", "warmup_epochs", "grad_clip", "early_stopping_patience",
+                    "num_workers"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 0.")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} is a probability in [0, 1); null keeps the model's own.")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 1).")
         if not 0.0 < self.cb_beta < 1.0:

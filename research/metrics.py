@@ -49,6 +49,12 @@ def classification_report_frame(y_true, y_pred, class_names: Sequence[str]) -> p
     )
 
 
+def confusion_matrix_frame(y_true, y_pred, class_names: Sequence[str]) -> pd.DataFrame:
+    """Counts: rows = true class, columns = predicted class (index and columns are the class names)."""
+    counts = confusion_matrix(_array(y_true), _array(y_pred), labels=list(range(len(class_names))))
+    return pd.DataFrame(counts, index=pd.Index(list(class_names), name="true"), columns=list(class_names))
+
+
 def confusion_matrix_figure(y_true, y_pred, class_names: Sequence[str], title: str) -> Figure:
     """Rows = true class, normalised to 1 (colour + fraction), with the raw count under each fraction.
 

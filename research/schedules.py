@@ -77,24 +77,40 @@ def epoch_list_lr(entries: list[tuple[float, int | None]], epoch: int) -> float:
 # Optimizers
 
 
-def param_groups(params: Iterable[nn.Parameter] | nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights (decayed) and biases + norm scales (1-D tensors; not decayed).
+def param_groups(params: Iterable[nn.Parameter] | nn.Module, weight_decay: float, head_lr_scale: float = 1.0,
+                 lr: float = 1.0, image_size: int | None = None) -> list[dict]:
+    """Weights (decayed) and biases + norm scales (1-D tensors; not decayed), per lr scale.
 
     Decaying biases and batch-norm/layer-norm scales only pulls them to 0 without regularising
-    anything (the nanoGPT/timm convention).
+    anything (the nanoGPT/timm convention). Given a module, the classifier head
+    (`research.models.head_parameters`) gets lr * head_lr_scale (differential learning rates), and a
+    model with `lr_scales(image_size)` (VGGv2 below 224 px) scales the parameters it names on top.
     """
+    scale: dict[int, float] = {}
     if isinstance(params, nn.Module):
-        params = params.parameters()
+        from research.models import head_parameters
+
+        model = params
+        if head_lr_scale != 1.0:
+            scale = {id(p): head_lr_scale for p in head_parameters(model)}
+        if image_size is not None and hasattr(model, "lr_scales"):
+            for p, factor in model.lr_scales(image_size).items():
+                scale[id(p)] = scale.get(id(p), 1.0) * factor
+        params = model.parameters()
     params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    groups: dict[tuple[float, bool], dict] = {}
+    for p in params:
+        factor, decay = scale.get(id(p), 1.0), p.ndim > 1
+        group = groups.setdefault((factor, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                                                    "lr": lr * factor})
+        group["params"].append(p)
+    return sorted(groups.values(), key=lambda g: (-g["lr"], -g["weight_decay"]))  # the base lr's groups first
 
 
 def build_optimizer(cfg: TrainConfig, params: Iterable[nn.Parameter] | nn.Module) -> torch.optim.Optimizer:
-    """SGD with momentum (no Nesterov) or AdamW at cfg.lr; weight decay on weights only."""
-    groups = param_groups(params, cfg.weight_decay)
+    """SGD with momentum (no Nesterov) or AdamW at cfg.lr (the head at cfg.lr * cfg.head_lr_scale);
+    weight decay on weights only."""
+    groups = param_groups(params, cfg.weight_decay, cfg.head_lr_scale, cfg.lr, cfg.image_size)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
     if cfg.optimizer == "adamw":
@@ -159,7 +175,8 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
         return Schedule(_cosine(cfg, optimizer, total, steps_per_epoch), "batch", total)
     if name == "onecycle":
         # torch defaults: 30% warm-up from max_lr/25, momentum (or Adam beta1) cycled 0.95 -> 0.85 -> 0.95.
-        return Schedule(lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total), "batch", total)
+        max_lr = [group["lr"] for group in optimizer.param_groups]  # per group: the head may run at its own scale
+        return Schedule(lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total), "batch", total)
     entries = parse_epoch_list(name)
     base = cfg.lr
     return Schedule(lr_scheduler.LambdaLR(optimizer, lambda epoch: epoch_list_lr(entries, epoch) / base), "epoch")

@@ -210,7 +210,7 @@ def evaluate(model, batches, criterion, device, amp, num_classes) -> dict[str, A
     return metrics
 
 
-def train_one_epoch(model, stream, epoch, criterion, optimizer, scheduler, device, amp, progress) -> float:
+def train_one_epoch(model, stream, epoch, criterion, optimizer, scheduler, device, amp, progress, grad_clip=0.0) -> float:
     model.train()
     total, count = 0.0, 0
     task = progress.add_task(f"epoch {epoch}", total=len(stream))
@@ -220,6 +220,8 @@ def train_one_epoch(model, stream, epoch, criterion, optimizer, scheduler, devic
                 loss = criterion(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
             optimizer.step()
             scheduler.step_batch()
             total += float(loss.detach()) * x.shape[0]
@@ -287,7 +289,7 @@ def train(
     loaders = build_loaders(version, cfg, device)
     classes = loaders.classes
     counts = np.bincount(loaders.train_labels, minlength=len(classes)).tolist()
-    model = build_model(cfg.model, len(classes), pretrained=cfg.pretrained).to(device)
+    model = build_model(cfg.model, len(classes), pretrained=cfg.pretrained, dropout=cfg.dropout).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     criterion = build_loss(cfg, counts)
@@ -350,7 +352,7 @@ def train(
                     criterion.set_epoch(epoch)
                 lr = scheduler.current_lr()
                 train_loss = train_one_epoch(step_model, loaders.train, epoch, criterion, optimizer, scheduler,
-                                             device, cfg.amp, progress)
+                                             device, cfg.amp, progress, cfg.grad_clip)
                 if not math.isfinite(train_loss):
                     raise TrainingDiverged(
                         f"epoch {epoch}: train loss is {train_loss} (lr={lr:.2e}, {cfg.optimizer}); the run diverged. "
@@ -457,7 +459,7 @@ def _finish(cfg, model, loaders, criterion, device, classes, version, ckdir, bes
     """Best-val weights -> test metrics, reports, confusion matrices, checkpoint and MLflow model."""
     import mlflow
 
-    from research.metrics import classification_report_frame, confusion_matrix_figure
+    from research.metrics import classification_report_frame, confusion_matrix_figure, confusion_matrix_frame
 
     best = torch.load(ckdir / "best.pt", map_location=device, weights_only=True)
     model = unwrap(model)
@@ -470,6 +472,7 @@ def _finish(cfg, model, loaders, criterion, device, classes, version, ckdir, bes
             results[split] = res
             classification_report_frame(res["y_true"], res["y_pred"], classes).to_csv(
                 tmp / f"classification_report_{split}.csv", index=False)
+            confusion_matrix_frame(res["y_true"], res["y_pred"], classes).to_csv(tmp / f"confusion_matrix_{split}.csv")
             fig = confusion_matrix_figure(res["y_true"], res["y_pred"], classes, f"{split} ({version.name})")
             fig.savefig(tmp / f"confusion_matrix_{split}.png", dpi=110, bbox_inches="tight")
             import matplotlib.pyplot as plt

@@ -9,7 +9,12 @@ from matplotlib.figure import Figure
 from torch.utils.data import RandomSampler, WeightedRandomSampler
 
 from research.config import ConfigError
-from research.metrics import classification_metrics, classification_report_frame, confusion_matrix_figure
+from research.metrics import (
+    classification_metrics,
+    classification_report_frame,
+    confusion_matrix_figure,
+    confusion_matrix_frame,
+)
 from research.samplers import epoch_indices, make_sampler, sample_weights
 
 # 8x imbalance: 800 / 300 / 100 images
@@ -100,3 +105,12 @@ def test_report_frame_and_confusion_figure(tmp_path):
     assert "val" in ax.get_title()
     fig.savefig(tmp_path / "cm.png")
     assert (tmp_path / "cm.png").stat().st_size > 1000
+
+
+def test_confusion_matrix_frame_counts_true_by_predicted():
+    names = ["cat", "dog", "bird", "fish"]
+    frame = confusion_matrix_frame(Y_TRUE, Y_PRED, names)
+    assert list(frame.index) == names and list(frame.columns) == names
+    assert frame.to_numpy().sum() == len(Y_TRUE)
+    assert frame.sum(axis=1).tolist() == [3, 2, 1, 0]  # rows are the true classes
+    assert frame.loc["cat", "cat"] == 2 and frame.loc["bird", "bird"] == 1

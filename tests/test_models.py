@@ -46,6 +46,34 @@ def test_vgg16_v2_head_matches_the_spec():
     assert out.shape == (1, 20) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (3, 3), (2, 3)])
+def test_folded_first_linear_is_pool_then_linear(hw):
+    """Below 128 px VGGv2 folds the 7x7 pool into the first Linear: same outputs, same gradients."""
+    from research.models import folded_first_linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(8 * 49, 16).double()
+    x = torch.randn(5, 8, *hw, dtype=torch.float64)
+    reference = linear(torch.flatten(nn.functional.adaptive_avg_pool2d(x, (7, 7)), 1))
+    reference.square().sum().backward()
+    grads = [p.grad.clone() for p in linear.parameters()]
+    linear.zero_grad()
+    out = folded_first_linear(linear, x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, reference)
+    for p, g in zip(linear.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_v2_forward_at_32px_equals_the_pooled_head():
+    torch.manual_seed(0)
+    model = build_model("vgg16_v2", num_classes=6).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model.classifier(torch.flatten(model.avgpool(model.features(x)), 1))
+        torch.testing.assert_close(model(x), reference, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["vgg16_bn_v2", "resnet18", "timm:resnet18"])
 def test_models_build_and_forward(name):
     model = build_model(name, num_classes=5).eval()
@@ -87,3 +115,14 @@ def test_pretrained_loads_from_the_local_torch_cache(empty_caches):
     model = build_model("resnet18", 3, pretrained=True)
     assert torch.equal(model.conv1.weight, source.conv1.weight)
     assert model.fc.out_features == 3
+
+
+def test_head_dropout_is_configurable_where_the_model_has_one():
+    with torch.device("meta"):
+        v2 = build_model("vgg16_bn_v2", 5, dropout=0.1)
+        assert [m.p for m in v2.classifier if isinstance(m, nn.Dropout)] == [0.1] * 5
+        assert [m.p for m in build_model("vgg16_v2", 5).classifier if isinstance(m, nn.Dropout)] == [0.5] * 5
+        assert all(m.p == 0.2 for m in build_model("vgg16", 5, dropout=0.2).classifier if isinstance(m, nn.Dropout))
+        assert build_model("timm:resnet18", 5, dropout=0.3).drop_rate == 0.3
+        with pytest.raises(ConfigError, match="no head dropout"):
+            build_model("resnet18", 5, dropout=0.3)

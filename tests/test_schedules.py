@@ -158,3 +158,55 @@ def test_optimizers_and_decay_groups():
     bad.optimizer = "adam"
     with pytest.raises(ConfigError, match="sgd, adamw"):
         build_optimizer(bad, model)
+
+
+class TinyNet(nn.Module):
+    """A trunk and an `fc` head, as torchvision's ResNet names them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten())
+        self.fc = nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle", "step", "1e-2:2,1e-3"])
+def test_head_lr_scale_holds_through_every_schedule(schedule):
+    model = TinyNet()
+    cfg = TrainConfig(optimizer="sgd", lr=0.1, head_lr_scale=0.05, lr_schedule=schedule, epochs=4, warmup_epochs=1,
+                      step_size=1)
+    opt = build_optimizer(cfg, model)
+    head = {id(p) for p in model.fc.parameters()}
+    by_head = {all(id(p) in head for p in g["params"]) for g in opt.param_groups}
+    assert by_head == {True, False} and len(opt.param_groups) == 4  # trunk and head, each decayed / not decayed
+    sched = build_scheduler(cfg, opt, STEPS)
+    for _ in range(cfg.epochs):
+        for _ in range(STEPS):
+            for g in opt.param_groups:
+                ratio = 0.05 if all(id(p) in head for p in g["params"]) else 1.0
+                assert g["lr"] == pytest.approx(opt.param_groups[0]["lr"] * ratio)
+            opt.step()
+            sched.step_batch()
+        sched.step_epoch()
+
+
+def test_head_lr_scale_needs_a_head():
+    with pytest.raises(ConfigError, match="head"):
+        build_optimizer(TrainConfig(head_lr_scale=0.5), tiny_model())
+    with pytest.raises(ConfigError, match="head_lr_scale"):
+        TrainConfig(head_lr_scale=0.0).validate()
+
+
+@pytest.mark.parametrize(("size", "factor"), [(32, 1 / 49), (64, 4 / 49), (224, None)])
+def test_vgg16_v2_first_head_layer_lr_follows_the_pool_copies(size, factor):
+    """Below 224 px the 7x7 pool copies the trunk's map; the first head layer's lr is divided by the copy count."""
+    from research.models import build_model
+
+    with torch.device("meta"):  # only the parameter shapes matter here
+        model = build_model("vgg16_v2", num_classes=3)
+    opt = build_optimizer(TrainConfig(model="vgg16_v2", lr=0.1, image_size=size), model)
+    first = model.classifier[0].weight
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[id(model.features[0].weight)] == pytest.approx(0.1)
+    assert lr_of[id(model.classifier[3].weight)] == pytest.approx(0.1)
+    assert lr_of[id(first)] == pytest.approx(0.1 * (factor or 1.0))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # group 0 (the logged lr) is the base lr

@@ -45,7 +45,7 @@ def test_two_epoch_run_logs_params_metrics_artifacts(tiny_version, mlflow_store,
     assert {"git_commit", "host", "device"} <= set(run.data.tags)
     arts = artifact_paths(client, result.run_id)
     for name in ("config.yaml", "confusion_matrix.png", "confusion_matrix_val.png", "classification_report_val.csv",
-                 "classification_report_test.csv", "checkpoint/best.pt", "model_meta.json"):
+                 "classification_report_test.csv", "confusion_matrix_test.csv", "checkpoint/best.pt", "model_meta.json"):
         assert name in arts, (name, arts)
     inputs = run.inputs.dataset_inputs
     assert {i.dataset.digest for i in inputs}  # the version's mlflow.data datasets
