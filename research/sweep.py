@@ -104,7 +104,7 @@ class PrunerSpec:
 @dataclasses.dataclass
 class SweepSpec:
     base: dict[str, Any]  # TrainConfig keys
-    space: dict[str, ParamSpec]  # TrainConfig key (dotted for nested: augment.mixup) -> distribution
+    space: dict[str, ParamSpec]  # TrainConfig key (dotted for nested: augment.mixup) -> distribution; {} = one fixed config
     study_name: str | None = None
     experiment: str | None = None  # default: sweep-<study_name>
     n_trials: int = 10
@@ -115,10 +115,14 @@ class SweepSpec:
     heartbeat_interval: float = 10.0
     heartbeat_grace: float = 60.0
     description: str = ""
+    # trials to run first, e.g. a known good config: {param: value} for some or all of `space`'s keys
+    # (the rest are sampled). Enqueued once, when the study is new (optuna's enqueue_trial).
+    enqueue: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def validate(self) -> None:
-        if not self.space:
-            raise ConfigError("The sweep spec's `space` is empty: add at least one parameter to search, "
+        if not self.space and self.n_trials != 1:
+            raise ConfigError(f"The sweep spec's `space` is empty but n_trials={self.n_trials}: a spec without a space "
+                              "is one fixed config (a baseline), so set n_trials: 1, or add a parameter to search, "
                               "e.g. space: {lr: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}}.")
         self.space = {k: v if isinstance(v, ParamSpec) else config_mod.from_dict(ParamSpec, v, f"space.{k}.")
                       for k, v in self.space.items()}
@@ -129,6 +133,11 @@ class SweepSpec:
                 config_mod.replace(base, **nest({key: probe}))
             except ConfigError as exc:
                 raise ConfigError(f"space.{key}: {exc}") from exc
+        for i, params in enumerate(self.enqueue):
+            unknown = sorted(set(params) - set(self.space))
+            if unknown:
+                raise ConfigError(f"enqueue[{i}]: {', '.join(unknown)} not in the search space; enqueue only sets "
+                                  f"searched parameters ({', '.join(self.space) or 'none'}).")
         if self.n_trials <= 0:
             raise ConfigError(f"n_trials={self.n_trials} must be > 0.")
         if self.heartbeat_grace <= self.heartbeat_interval:
@@ -373,6 +382,9 @@ def run_worker(spec: SweepSpec, storage_url: str | None, spec_path: str | None =
     with slot_lock(storage_url, spec.study_name):
         study = open_study(spec, storage_url)
         parent = parent_run_id(study, spec, spec_path)
+        if spec.enqueue and not study.get_trials(deepcopy=False):
+            for params in spec.enqueue:
+                study.enqueue_trial(params)
     finished = sum(t.state.name in FINISHED_STATES for t in study.get_trials(deepcopy=False))
     if finished:
         console.print(f"study {spec.study_name}: reusing {finished} finished trial(s) of {spec.n_trials} "

@@ -36,23 +36,31 @@ def tiny_spec(version_dir, tmp_path, **changes) -> SweepSpec:
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
 def test_every_shipped_spec_loads(path):
     spec = load_spec(path)
-    assert spec.space and spec.n_trials > 0
+    assert spec.n_trials > 0
+    assert spec.space or spec.n_trials == 1  # no space: a fixed baseline config, run once
 
 
 def test_empty_space_is_an_error(tmp_path):
-    with pytest.raises(ConfigError, match="space"):
+    with pytest.raises(ConfigError, match="n_trials: 1"):
         config_mod.from_dict(SweepSpec, {"base": {}, "space": {}})
+    fixed = config_mod.from_dict(SweepSpec, {"base": {}, "space": {}, "n_trials": 1})  # a baseline: one fixed config
+    assert fixed.space == {}
+    with pytest.raises(ConfigError, match=r"enqueue\[0\]: lrr not in the search space"):
+        config_mod.from_dict(SweepSpec, {"base": {}, "space": {"lr": {"type": "float", "low": 1, "high": 2}},
+                                         "enqueue": [{"lrr": 1.5}]})
     with pytest.raises(ConfigError, match="space.lrr"):
         config_mod.from_dict(SweepSpec, {"base": {}, "space": {"lrr": {"type": "float", "low": 1, "high": 2}}})
 
 
 def test_study_nests_trials_and_resumes(tiny_version, mlflow_store, tmp_path):
     storage = f"journal:{tmp_path / 'study.journal'}"
-    spec = tiny_spec(tiny_version, tmp_path)
+    first = {"lr": 0.05, "sampler": "weighted"}
+    spec = tiny_spec(tiny_version, tmp_path, enqueue=[first])
     summary = sweep(spec, storage)
     study = optuna.load_study(study_name="tiny", storage=__import__("research.sweep", fromlist=["x"]).make_storage(storage))
     trials = study.get_trials()
     assert len(trials) == 4
+    assert trials[0].params == first  # the enqueued config runs first
     states = {t.number: t.state.name for t in trials}
     assert set(states.values()) <= {"COMPLETE", "PRUNED"} and "COMPLETE" in states.values()
     client = mlflow.MlflowClient()
@@ -71,9 +79,10 @@ def test_study_nests_trials_and_resumes(tiny_version, mlflow_store, tmp_path):
     assert parent.data.metrics["n_complete"] + parent.data.metrics.get("n_pruned", 0) == 4
 
     # the same study name again resumes it: 2 more trials, same parent run
-    summary2 = sweep(tiny_spec(tiny_version, tmp_path, n_trials=6), storage)
+    summary2 = sweep(tiny_spec(tiny_version, tmp_path, n_trials=6, enqueue=[first]), storage)
     assert summary2["parent_run_id"] == summary["parent_run_id"]
     assert len(study.get_trials()) == 6
+    assert sum(t.params == first for t in study.get_trials()) == 1  # enqueued once, when the study was new
 
 
 def test_two_workers_finish_exactly_n_trials(tiny_version, mlflow_store, tmp_path):
