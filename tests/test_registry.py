@@ -55,7 +55,7 @@ def private_store(mp: pytest.MonkeyPatch, root: Path) -> str:
     mp.setenv("RESEARCH_MLRUNS", str(home))
     mp.setenv("MLFLOW_TRACKING_URI", uri)
     mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    mp.chdir(root)  # the cached loader writes data/cache/ under the working directory
+    mp.chdir(root)  # the cached loader writes data/cache/ (and `report` reports/) under the working directory
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri

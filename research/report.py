@@ -1,0 +1,397 @@
+"""`python -m research report --study NAME`: a study's champion against a baseline, on one page.
+
+The sweep's summary says which trial won; this says by how much and where: the champion (the trial
+with the best validation macro F1, `study.best_trial`) beside a baseline run (by default the best
+trial of the `seed_recipe` study, one fixed config), val and test macro F1 and accuracy, F1 per
+class, fANOVA parameter importances, the champion's test confusion matrix, and the trials.
+Selection uses the validation split only: the test split is evaluated once per finished trial and
+only reported, so the test numbers stay an honest estimate of the champion.
+
+The val numbers are those of the best epoch (the checkpoint that became the model). The same
+content goes to the terminal, `report.md` (GitHub tables) and a self-contained `report.html` (the
+champion's confusion_matrix_test.png beside it) in reports/<study>/, with `report.json` holding
+the numbers; all are logged to the study's MLflow parent run under `report/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import math
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from research import tracking
+from research.config import ConfigError
+from research.runs import _fmt_seconds
+
+console = Console()
+DEFAULT_BASELINE = "seed_recipe"
+SELECTION = ("champion = best validation macro-F1; the test split is evaluated once per finished trial "
+             "for reporting and never used to choose")
+KEY_PARAMS = ("model", "image_size", "epochs", "batch_size", "optimizer", "lr", "lr_schedule", "loss", "sampler",
+              "dataset_version")
+ARTIFACTS = ("classification_report_val.csv", "classification_report_test.csv", "confusion_matrix_test.csv",
+             "confusion_matrix_test.png")
+PNG = "confusion_matrix_test.png"
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+TOP_TRIALS = 15
+CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}"
+       "table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding:3px 8px;font-size:14px;"
+       "text-align:left}th{background:#f3f3f3}li{margin:.2em 0}img{max-width:640px;display:block}")
+
+
+@dataclasses.dataclass
+class Section:
+    title: str
+    header: list[str] = dataclasses.field(default_factory=list)
+    rows: list[list[str]] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    image: str | None = None  # a PNG next to report.html
+
+
+# ---------------------------------------------------------------------------- studies and runs
+
+def completed(study) -> list:
+    from optuna.trial import TrialState
+
+    return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+
+
+def run_facts(client, run_id: str, dst: Path, trial=None) -> dict[str, Any]:
+    """One run's numbers: best-epoch val, test, config, per-class F1, test confusion matrix."""
+    import mlflow
+
+    run = client.get_run(run_id)
+    history = sorted((m for m in client.get_metric_history(run_id, "val_f1_macro") if not math.isnan(m.value)),
+                     key=lambda m: m.step)
+    best = max(history, key=lambda m: m.value, default=None)  # the first best epoch: the one checkpointed
+    accuracy = {m.step: m.value for m in client.get_metric_history(run_id, "val_accuracy")}
+    present = {f.path for f in client.list_artifacts(run_id)}
+    files = {name: Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name,
+                                                            dst_path=str(dst / run_id)))
+             for name in ARTIFACTS if name in present}
+    per_class: dict[str, dict[str, float]] = {}
+    for split in ("val", "test"):
+        if f"classification_report_{split}.csv" in files:
+            for r in pd.read_csv(files[f"classification_report_{split}.csv"], dtype={"class": str}).to_dict("records"):
+                per_class.setdefault(r["class"], {})[f"{split}_f1"] = float(r["f1"])
+                if split == "test":
+                    per_class[r["class"]]["support"] = int(r["support"])
+    confusion = None
+    if "confusion_matrix_test.csv" in files:
+        frame = pd.read_csv(files["confusion_matrix_test.csv"], index_col=0)
+        confusion = {"true": [str(c) for c in frame.index], "predicted": [str(c) for c in frame.columns],
+                     "counts": frame.to_numpy().astype(int).tolist()}
+    metrics, params = run.data.metrics, run.data.params
+    return {
+        "trial": None if trial is None else trial.number, "run_id": run_id, "run_name": run.info.run_name,
+        "val_f1_macro": best.value if best else None,
+        "val_accuracy": accuracy.get(best.step) if best else None,
+        "test_f1_macro": metrics.get("test_f1_macro"), "test_accuracy": metrics.get("test_accuracy"),
+        "best_epoch": best.step if best else None, "epochs_run": len({m.step for m in history}),
+        "params": dict(trial.params) if trial is not None else {},
+        "config": {k: params.get(k) for k in KEY_PARAMS},
+        "per_class": per_class, "confusion": confusion, "_params": params, "_files": files,
+    }
+
+
+def trial_facts(client, trial, dst: Path, study_name: str) -> dict[str, Any]:
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        raise ConfigError(f"trial {trial.number} of study {study_name!r} has no mlflow_run_id user attribute.")
+    return run_facts(client, run_id, dst, trial)
+
+
+def resolve_baseline(ref: str | None, storage, client, dst: Path) -> tuple[dict[str, Any] | None, str]:
+    """(facts, "") for `ref` (a study's best trial, else an MLflow run id), or (None, why) for the default."""
+    import optuna
+    from mlflow.exceptions import MlflowException
+
+    name = ref or DEFAULT_BASELINE
+    if name in optuna.get_all_study_names(storage):
+        study = optuna.load_study(study_name=name, storage=storage)
+        if completed(study):
+            return trial_facts(client, study.best_trial, dst, name) | {"source": f"study {name}"}, ""
+        why = f"study {name!r} has no completed trial"
+    elif RUN_ID.match(name):
+        try:
+            return run_facts(client, name, dst) | {"source": f"run {name[:8]}"}, ""
+        except MlflowException:
+            why = f"{name} is neither a study in this storage nor an MLflow run"
+    else:
+        why = f"no study {name!r} in this storage, and it is not an MLflow run id"
+    why += (f"; make one with `python -m research sweep sweeps/{name}.yaml` (a fixed config: space: {{}}, "
+            "n_trials: 1) or pass --baseline STUDY_OR_RUN_ID")
+    if ref is not None:
+        raise ConfigError(f"--baseline {ref}: {why}")
+    return None, why
+
+
+def importances(study) -> tuple[dict[str, float], str]:
+    """fANOVA importances over completed trials, or ({}, the reason they cannot be computed)."""
+    import optuna
+
+    done = completed(study)
+    if len(done) < 2:
+        return {}, f"not computed: needs at least 2 completed trials (the study has {len(done)})"
+    if not any(t.params for t in done):
+        return {}, "not computed: the study searched no parameters (a fixed config)"
+    try:
+        values = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    except Exception as exc:  # a dynamic search space, a degenerate fit: the report goes on
+        return {}, f"not computed: {type(exc).__name__}: {exc}"
+    if not values or not all(math.isfinite(v) for v in values.values()) or sum(values.values()) <= 0:
+        return {}, ("not computed: no variance to attribute (each parameter took one value, "
+                    "or all trials scored the same)")
+    return dict(values), ""
+
+
+# ----------------------------------------------------------------------------------- content
+
+def _f(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def _p(v: Any) -> str:
+    """A param for a table: short floats, everything else as logged."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return "-" if v is None else str(v)
+    return str(v) if x.is_integer() or len(str(v)) <= 8 else f"{x:.4g}"
+
+
+def sections(rep: dict[str, Any], study) -> list[Section]:
+    champ, base = rep["champion"], rep["baseline"]
+    runs = [champ] + ([base] if base else [])
+    counts = ", ".join(f"{k} {v}" for k, v in rep["counts"].items() if v)
+    head = Section(f"Study {rep['study']}", notes=[
+        f"storage: {rep['storage']}", f"trials: {counts}", f"wall time: {_fmt_seconds(rep['wall_seconds'])} "
+        "(first trial start to last trial end)", f"selection: {SELECTION}",
+        f"MLflow parent run: {rep['parent_run_id'] or '-'}"])
+
+    cols = [f"champion (trial {champ['trial']})"] + ([f"baseline ({base['source']})"] if base else [])
+    rows = [["run id", *[r["run_id"] for r in runs]]]
+    for label, key in (("val macro-F1", "val_f1_macro"), ("val accuracy", "val_accuracy"),
+                       ("test macro-F1", "test_f1_macro"), ("test accuracy", "test_accuracy")):
+        rows.append([label, *[_f(r[key]) for r in runs]])
+    rows.append(["epochs run / best epoch", *[f"{r['epochs_run']} / {r['best_epoch']}" for r in runs]])
+    searched = list(champ["params"])
+    for key in searched + [k for k in KEY_PARAMS if k not in searched]:
+        rows.append([key + (" *" if key in searched else ""), *[_p(r["_params"].get(key)) for r in runs]])
+    compare = Section("Champion vs baseline", ["", *cols], rows, [
+        "val numbers are those of the best epoch (the checkpoint kept); * = searched by the study"]
+        + ([f"no baseline: {rep['baseline_note']}"] if not base else []))
+
+    names = sorted(set(champ["per_class"]) | set(base["per_class"] if base else {}))
+    header = ["class", "test support", "champion val F1", "champion test F1"]
+    header += ["baseline val F1", "baseline test F1"] if base else []
+    rows = []
+    for name in names:
+        row = [name, str(champ["per_class"].get(name, {}).get("support", "-"))]
+        for r in runs:
+            c = r["per_class"].get(name, {})
+            row += [_f(c.get("val_f1")), _f(c.get("test_f1"))]
+        rows.append(row)
+    mean = ["macro mean", str(sum(c.get("support", 0) for c in champ["per_class"].values()))]
+    for r in runs:
+        for split in ("val_f1", "test_f1"):
+            vals = [c[split] for c in r["per_class"].values() if split in c]
+            mean.append(_f(sum(vals) / len(vals) if vals else None))
+    notes = [f"run {r['run_id']} has no classification_report_*.csv" for r in runs if not r["per_class"]]
+    per_class = Section("Per-class F1", header, rows + [mean] if names else [], notes)
+
+    imp = rep["importances"]
+    importance = Section("Parameter importances", ["parameter", "importance", ""],
+                         [[k, f"{v:.3f}", "█" * max(1, round(v * 30))] for k, v in imp.items()],
+                         [f"fANOVA (seed 0) over {len(completed(study))} completed trials; they sum to 1"] if imp
+                         else [rep["importance_note"]])
+
+    cm = champ["confusion"]
+    confusion = Section("Champion confusion matrix (test)", image=PNG if rep["png"] else None)
+    if cm:
+        short = all(len(n) <= 10 for n in cm["predicted"])
+        labels = cm["predicted"] if short else [str(i) for i in range(len(cm["predicted"]))]
+        confusion.header = ["true \\ predicted", *labels]
+        confusion.rows = [[t if short else f"{i} {t}", *map(str, row)]
+                          for i, (t, row) in enumerate(zip(cm["true"], cm["counts"]))]
+        confusion.notes = ["counts; rows = true class, columns = predicted class"]
+        if not short:
+            confusion.notes.append("columns: " + ", ".join(f"{i} = {n}" for i, n in enumerate(cm["predicted"])))
+    else:
+        confusion.notes = [f"run {champ['run_id']} has no confusion_matrix_test.csv (it predates it)"
+                           + ("; the figure is below" if rep["png"] else "")]
+
+    trials = Section("Trials", ["trial", "state", "val macro-F1", "test macro-F1", "params", "run"],
+                     [[str(t["number"]), t["state"], _f(t["value"]), _f(t["test_f1_macro"]),
+                       ", ".join(f"{k}={_p(v)}" for k, v in t["params"].items()), (t["run_id"] or "")[:8]]
+                      for t in rep["trials"][:TOP_TRIALS]])
+    rest = rep["trials"][TOP_TRIALS:]
+    if rest:
+        left = {s: sum(t["state"] == s for t in rest) for s in {t["state"] for t in rest}}
+        trials.notes = [f"{len(rest)} more: " + ", ".join(f"{k} {v}" for k, v in sorted(left.items()))]
+    return [head, compare, per_class, importance, confusion, trials]
+
+
+# --------------------------------------------------------------------------------- renderers
+
+def to_console(title: str, secs: list[Section]) -> None:
+    console.rule(f"[bold]{title}")
+    for s in secs:
+        if s.header:
+            table = Table(title=s.title, title_justify="left")
+            for col in s.header:
+                table.add_column(col)
+            for row in s.rows:
+                table.add_row(*map(Text, row))
+            console.print(table)
+        else:
+            console.print(Text(s.title, style="bold"))
+        for note in s.notes:
+            console.print(Text(f"  {note}", style="dim"))
+
+
+def _md(cell: str) -> str:
+    return cell.replace("|", "\\|")
+
+
+def to_markdown(title: str, secs: list[Section]) -> str:
+    out = [f"# {title}", ""]
+    for s in secs:
+        out += [f"## {s.title}", ""]
+        if s.image:
+            out += [f"![{s.title}]({s.image})", ""]
+        if s.header:
+            out += ["| " + " | ".join(map(_md, s.header)) + " |", "|" + "|".join("---" for _ in s.header) + "|"]
+            out += ["| " + " | ".join(map(_md, row)) + " |" for row in s.rows] + [""]
+        out += [f"- {note}" for note in s.notes] + ([""] if s.notes else [])
+    return "\n".join(out)
+
+
+def to_html(title: str, secs: list[Section]) -> str:
+    e = html.escape
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{CSS}</style>"
+           f"</head><body><h1>{e(title)}</h1>"]
+    for s in secs:
+        out.append(f"<h2>{e(s.title)}</h2>")
+        if s.image:
+            out.append(f"<img src='{e(s.image)}' alt='{e(s.title)}'>")
+        if s.header:
+            out.append("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in s.header) + "</tr>")
+            out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in s.rows]
+            out.append("</table>")
+        if s.notes:
+            out.append("<ul>" + "".join(f"<li>{e(n)}</li>" for n in s.notes) + "</ul>")
+    return "\n".join(out + ["</body></html>", ""])
+
+
+# ------------------------------------------------------------------------------------ report
+
+def _public(facts: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if facts is None else {k: v for k, v in facts.items() if not k.startswith("_")}
+
+
+def report(study_name: str, baseline: str | None = None, storage_url: str | None = None,
+           out_dir: str | Path | None = None, log: bool = True) -> dict[str, Any]:
+    """Write report.md/.html/.json (+ the champion's confusion PNG) and log them to the parent run."""
+    import mlflow
+    import optuna
+    from optuna.trial import TrialState
+
+    from research.sweep import default_storage_url, make_storage
+
+    tracking.setup()
+    tracking.check_reachable()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storage_url or default_storage_url()
+    storage = make_storage(url)
+    names = sorted(optuna.get_all_study_names(storage))
+    if study_name not in names:
+        raise ConfigError(f"no study {study_name!r} in {url} (studies there: {', '.join(names) or 'none'}). Run it "
+                          f"first: python -m research sweep sweeps/{study_name}.yaml, or pass --storage with the "
+                          "storage the sweep used.")
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    if not completed(study):
+        raise ConfigError(f"study {study_name!r} has no completed trial yet ({counts}); run or resume it: "
+                          f"python -m research sweep sweeps/{study_name}.yaml")
+    client = mlflow.MlflowClient()
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    ranked = sorted(trials, key=lambda t: (t.value is None, -(t.value or 0) if maximize else (t.value or 0), t.number))
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    with tempfile.TemporaryDirectory() as tmp:
+        champ = trial_facts(client, study.best_trial, Path(tmp), study_name) | {"source": f"study {study_name}"}
+        base, note = resolve_baseline(baseline, storage, client, Path(tmp))
+        out = Path(out_dir or Path("reports") / study_name)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / PNG).unlink(missing_ok=True)  # a figure from an earlier report must not outlive its champion
+        if PNG in champ["_files"]:
+            shutil.copy(champ["_files"][PNG], out / PNG)
+        imp, imp_note = importances(study)
+        rep: dict[str, Any] = {
+            "study": study_name, "storage": url, "direction": study.direction.name.lower(), "selection": SELECTION,
+            "counts": counts, "wall_seconds": (max(ends) - min(starts)).total_seconds() if starts and ends else None,
+            "parent_run_id": parent, "champion": champ, "baseline": base, "baseline_note": note,
+            "importances": imp, "importance_note": imp_note, "png": (out / PNG).exists(),
+            "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+                        "test_f1_macro": t.user_attrs.get("test_f1_macro"), "run_id": t.user_attrs.get("mlflow_run_id")}
+                       for t in ranked],
+        }
+        secs = sections(rep, study)
+    title = f"{study_name}: champion vs baseline"
+    to_console(title, secs)
+    (out / "report.md").write_text(to_markdown(title, secs))
+    (out / "report.html").write_text(to_html(title, secs))
+    rep |= {"champion": _public(champ), "baseline": _public(base), "logged_to": parent if log and parent else None,
+            "files": [str(out / n) for n in ("report.md", "report.html", "report.json", PNG) if n != PNG or rep["png"]]}
+    (out / "report.json").write_text(json.dumps(rep, indent=2, default=str))
+    if log and parent:
+        for path in rep["files"]:
+            client.log_artifact(parent, path, artifact_path="report")
+        metrics = {"report_champion_test_f1_macro": champ["test_f1_macro"],
+                   "report_champion_val_f1_macro": champ["val_f1_macro"]}
+        if base:
+            metrics |= {"report_baseline_test_f1_macro": base["test_f1_macro"],
+                        "report_baseline_val_f1_macro": base["val_f1_macro"]}
+        for key, value in metrics.items():
+            if value is not None:
+                client.log_metric(parent, key, value)
+        client.set_tag(parent, "report_champion_run_id", champ["run_id"])
+    return rep
+
+
+# --------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--study", required=True, help="the Optuna study to report on")
+    parser.add_argument("--baseline", help=f"a study name (its best trial) or an MLflow run id "
+                                           f"(default {DEFAULT_BASELINE})")
+    parser.add_argument("--storage", help="the sweep's storage: journal:PATH (default mlruns/optuna.journal), "
+                                          "postgresql://..., sqlite:///...")
+    parser.add_argument("--out", help="output folder (default reports/<study>/)")
+    parser.add_argument("--no-log", action="store_true", help="do not log the report to the study's MLflow parent run")
+
+
+def run(args) -> int:
+    rep = report(args.study, args.baseline, args.storage, args.out, log=not args.no_log)
+    names = ", ".join(Path(f).name for f in rep["files"])
+    console.print(f"report written to [bold]{Path(rep['files'][0]).parent}/[/] ({names})")
+    if rep["logged_to"]:
+        console.print(f"logged to MLflow run {rep['logged_to']} (artifacts report/, store {tracking.tracking_uri()})")
+    else:
+        console.print("not logged to MLflow" + ("" if args.no_log else ": the study has no parent run"))
+    return 0

@@ -1,0 +1,184 @@
+"""The study report: a real 3-trial study and a one-trial `seed_recipe` baseline study (real Optuna
+journal storage, real MLflow store, the session's tiny dataset), shared by the module."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+
+from research import config as config_mod
+from research.cli import main
+from research.config import ConfigError
+from research.report import report
+from research.sweep import SweepSpec, make_storage, sweep
+from tests.test_registry import private_store  # chdir: the cached loader's data/cache/ and the report's reports/
+
+CLASSES = {"circles", "squares", "stripes"}
+
+
+def tiny_spec(version_dir, tmp_path, study_name: str, n_trials: int, space: dict, epochs: int = 2) -> SweepSpec:
+    data = {
+        "study_name": study_name,
+        "n_trials": n_trials,
+        "base": {"model": "resnet18", "dataset": str(version_dir), "image_size": 32, "epochs": epochs, "batch_size": 8,
+                 "checkpoint_dir": str(tmp_path / "ckpt"), "device": "cpu", "lr_schedule": "constant"},
+        "space": space,
+        "sampler": {"name": "random", "seed": 0},
+        "pruner": {"name": "none"},
+        "heartbeat_interval": 1, "heartbeat_grace": 5,
+    }
+    return config_mod.from_dict(SweepSpec, data)
+
+
+class Studies:
+    def __init__(self, root: Path, storage: str, parent: str):
+        self.root, self.storage, self.parent = root, storage, parent
+
+    def study(self, name: str):
+        return optuna.load_study(study_name=name, storage=make_storage(self.storage))
+
+
+@pytest.fixture(scope="module")
+def studies(tiny_version, tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    with pytest.MonkeyPatch.context() as mp:
+        private_store(mp, root)
+        storage = f"journal:{root / 'study.journal'}"
+        space = {"lr": {"type": "float", "low": 1e-3, "high": 0.2, "log": True},
+                 "sampler": {"type": "categorical", "choices": ["shuffle", "weighted"]}}
+        summary = sweep(tiny_spec(tiny_version, root, "tiny", 3, space), storage)
+        sweep(tiny_spec(tiny_version, root, "seed_recipe", 1, {}, epochs=1), storage)  # the baseline: one fixed config
+        yield Studies(root, storage, summary["parent_run_id"])
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+
+
+def history(run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(run_id, key)}
+
+
+def test_report_picks_on_validation_and_matches_mlflow(studies):
+    out = studies.root / "out"
+    rep = report("tiny", storage_url=studies.storage, out_dir=out)
+    study = studies.study("tiny")
+    done = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+    assert len(done) == 3
+
+    # the champion is the best validation trial; the best test trial is never the criterion
+    champ = rep["champion"]
+    assert champ["trial"] == study.best_trial.number
+    assert champ["val_f1_macro"] == max(t.value for t in done) == study.best_value
+    best_test = max(done, key=lambda t: t.user_attrs["test_f1_macro"])
+    if best_test.value < study.best_value:
+        assert champ["trial"] != best_test.number
+
+    # the numbers are the MLflow run's: best-epoch val, final test
+    client = mlflow.MlflowClient()
+    run = client.get_run(champ["run_id"])
+    assert champ["run_id"] == study.best_trial.user_attrs["mlflow_run_id"]
+    val = history(champ["run_id"], "val_f1_macro")
+    best_epoch = min(step for step, v in val.items() if v == max(val.values()))
+    assert champ["best_epoch"] == best_epoch == int(run.data.metrics["best_epoch"])
+    assert champ["val_accuracy"] == history(champ["run_id"], "val_accuracy")[best_epoch]
+    assert champ["test_f1_macro"] == run.data.metrics["test_f1_macro"]
+    assert champ["test_accuracy"] == run.data.metrics["test_accuracy"]
+    assert champ["epochs_run"] == 2 and set(champ["params"]) == {"lr", "sampler"}
+    assert [t["number"] for t in rep["trials"]] == [t.number for t in sorted(done, key=lambda t: -t.value)]
+    assert champ["config"]["model"] == "resnet18"
+
+    # the baseline is seed_recipe's one trial
+    base_trial = studies.study("seed_recipe").best_trial
+    base = rep["baseline"]
+    assert base["run_id"] == base_trial.user_attrs["mlflow_run_id"] and base["params"] == {}
+    assert base["test_f1_macro"] == client.get_run(base["run_id"]).data.metrics["test_f1_macro"]
+    assert base["val_f1_macro"] == base_trial.value
+
+    # per-class F1 for every class, from the classification reports
+    for facts, run_metrics in ((champ, run.data.metrics), (base, client.get_run(base["run_id"]).data.metrics)):
+        assert set(facts["per_class"]) == CLASSES
+        for cls, row in facts["per_class"].items():
+            assert math.isclose(row["test_f1"], run_metrics[f"test_f1_{cls}"], abs_tol=1e-9)
+            assert row["support"] > 0 and 0 <= row["val_f1"] <= 1
+    assert sum(champ["confusion"]["counts"][0]) == champ["per_class"]["circles"]["support"]
+
+    # importances, or why not
+    if rep["importances"]:
+        assert set(rep["importances"]) <= {"lr", "sampler"}
+        assert math.isclose(sum(rep["importances"].values()), 1.0, abs_tol=1e-6)
+    else:
+        assert rep["importance_note"].startswith("not computed")
+
+    # the files, and the same numbers in report.json
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for text in (md, page):
+        assert champ["run_id"] in text and base["run_id"] in text and "seed_recipe" in text
+        assert "never used to choose" in text and "stripes" in text
+    assert "| macro mean |" in md and "<img src='confusion_matrix_test.png'" in page
+    assert (out / "confusion_matrix_test.png").stat().st_size > 0
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["champion"]["test_f1_macro"] == champ["test_f1_macro"]
+    assert saved["champion"]["run_id"] == champ["run_id"] and saved["counts"]["COMPLETE"] == 3
+    assert saved["wall_seconds"] > 0
+
+    # logged to the study's parent run, which stays FINISHED
+    parent = client.get_run(studies.parent)
+    logged = {f.path for f in client.list_artifacts(studies.parent, "report")}
+    assert {f"report/{n}" for n in ("report.md", "report.html", "report.json", "confusion_matrix_test.png")} <= logged
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["report_champion_test_f1_macro"] == champ["test_f1_macro"]
+    assert parent.data.metrics["report_champion_val_f1_macro"] == champ["val_f1_macro"]
+    assert parent.data.metrics["report_baseline_test_f1_macro"] == base["test_f1_macro"]
+    assert parent.data.metrics["report_baseline_val_f1_macro"] == base["val_f1_macro"]
+    assert parent.data.tags["report_champion_run_id"] == champ["run_id"]
+
+
+def test_baseline_by_run_id(studies):
+    base_run = studies.study("seed_recipe").best_trial.user_attrs["mlflow_run_id"]
+    rep = report("tiny", baseline=base_run, storage_url=studies.storage, out_dir=studies.root / "by-run", log=False)
+    assert rep["baseline"]["run_id"] == base_run and rep["baseline"]["trial"] is None
+    assert rep["logged_to"] is None
+
+
+def test_missing_study_lists_the_existing_ones(studies):
+    with pytest.raises(ConfigError, match="studies there: seed_recipe, tiny") as err:
+        report("nope", storage_url=studies.storage, out_dir=studies.root / "nope")
+    assert "'nope'" in str(err.value) and "seed_recipe" in str(err.value)
+    assert "python -m research sweep sweeps/nope.yaml" in str(err.value)
+
+
+def test_missing_explicit_baseline_is_an_error(studies):
+    for ref in ("no_such_study", "0" * 32):
+        with pytest.raises(ConfigError, match=f"--baseline {ref}"):
+            report("tiny", baseline=ref, storage_url=studies.storage, out_dir=studies.root / "bad", log=False)
+
+
+def test_without_the_default_baseline_the_report_says_how_to_make_one(studies):
+    alone = f"journal:{studies.root / 'alone.journal'}"
+    optuna.copy_study(from_study_name="tiny", from_storage=make_storage(studies.storage),
+                      to_storage=make_storage(alone))
+    # a trial with the best test F1 but a lower validation F1 (a real run's id): it must not become the champion
+    study = optuna.load_study(study_name="tiny", storage=make_storage(alone))
+    best = study.best_trial
+    study.add_trial(optuna.trial.create_trial(
+        value=best.value - 0.01, params=best.params, distributions=best.distributions,
+        user_attrs={"mlflow_run_id": studies.study("seed_recipe").best_trial.user_attrs["mlflow_run_id"],
+                    "test_f1_macro": 1.0}))
+    out = studies.root / "alone"
+    rep = report("tiny", storage_url=alone, out_dir=out, log=False)
+    assert rep["champion"]["trial"] == best.number != 3 and rep["trials"][0]["number"] == best.number
+    assert rep["counts"]["COMPLETE"] == 4
+    assert rep["baseline"] is None and "sweeps/seed_recipe.yaml" in rep["baseline_note"]
+    md = (out / "report.md").read_text()
+    assert "no baseline" in md and "sweeps/seed_recipe.yaml" in md and rep["champion"]["run_id"] in md
+
+
+def test_cli(studies, capsys):
+    assert main(["report", "--study", "tiny", "--storage", studies.storage]) == 0
+    out = capsys.readouterr().out
+    assert (studies.root / "reports" / "tiny" / "report.html").exists()  # the default folder
+    assert "report written to" in out and f"logged to MLflow run {studies.parent}" in out
