@@ -138,23 +138,43 @@ def resolve_baseline(ref: str | None, storage, client, dst: Path) -> tuple[dict[
 
 
 def importances(study) -> tuple[dict[str, float], str]:
-    """fANOVA importances over completed trials, or ({}, the reason they cannot be computed)."""
-    import optuna
+    """fANOVA importances, and what they were computed over (or, with no values, why not).
 
-    done = completed(study)
-    if len(done) < 2:
-        return {}, f"not computed: needs at least 2 completed trials (the study has {len(done)})"
-    if not any(t.params for t in done):
-        return {}, "not computed: the study searched no parameters (a fixed config)"
+    Over the completed trials' objective values when no trial was pruned. With pruning, the
+    completed trials are the survivors, a biased handful; then every finished trial (completed or
+    pruned) that reported epoch k, the last epoch all of them reached, is scored by its best val
+    macro F1 up to k, so the parameters are judged on the epochs every trial saw.
+    """
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    done = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    done = [t for t in done if t.params]
+    if not done:
+        return {}, "not computed: no finished trial with searched parameters (a fixed config, or none yet)"
+    pruned = any(t.state == TrialState.PRUNED for t in done)
+    if pruned:
+        k = min(max(t.intermediate_values) for t in done if t.intermediate_values)
+        scored = [(t, max(v for step, v in t.intermediate_values.items() if step <= k))
+                  for t in done if t.intermediate_values and min(t.intermediate_values) <= k]
+        basis = f"best val macro F1 up to epoch {k} of all {len(scored)} finished trials (pruned ones included)"
+    else:
+        scored = [(t, t.value) for t in done]
+        basis = f"the objective of the completed trials ({len(scored)})"
+    if len(scored) < 2:
+        return {}, f"not computed: needs at least 2 scored trials ({basis})"
+    target = optuna.create_study(direction=study.direction)  # in memory: the scored trials only
+    for t, value in scored:
+        target.add_trial(create_trial(params=t.params, distributions=t.distributions, value=value))
     try:
         values = optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+            target, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
     except Exception as exc:  # a dynamic search space, a degenerate fit: the report goes on
         return {}, f"not computed: {type(exc).__name__}: {exc}"
     if not values or not all(math.isfinite(v) for v in values.values()) or sum(values.values()) <= 0:
         return {}, ("not computed: no variance to attribute (each parameter took one value, "
                     "or all trials scored the same)")
-    return dict(values), ""
+    return dict(values), f"fANOVA (seed 0) over {basis}; they sum to 1"
 
 
 # ----------------------------------------------------------------------------------- content
@@ -215,8 +235,7 @@ def sections(rep: dict[str, Any], study) -> list[Section]:
     imp = rep["importances"]
     importance = Section("Parameter importances", ["parameter", "importance", ""],
                          [[k, f"{v:.3f}", "█" * max(1, round(v * 30))] for k, v in imp.items()],
-                         [f"fANOVA (seed 0) over {len(completed(study))} completed trials; they sum to 1"] if imp
-                         else [rep["importance_note"]])
+                         [rep["importance_note"]])
 
     cm = champ["confusion"]
     confusion = Section("Champion confusion matrix (test)", image=PNG if rep["png"] else None)

@@ -537,7 +537,9 @@ def _print_top(study, spec: SweepSpec, summary: dict[str, Any], top: int = 5) ->
                       json.dumps(t.params, default=str), str(t.user_attrs.get("mlflow_run_id", "")))
     console.print(table)
     if done:
-        console.print(f"promote the best trial: [bold]python -m research promote --study {spec.study_name}[/]")
+        model = done[0].params.get("model", spec.base.get("model", TrainConfig().model))
+        flag = "" if model == "vgg16_v2" else f" --model-filter {model}"  # promote picks vgg16_v2 runs by default
+        console.print(f"promote the best trial: [bold]python -m research promote --study {spec.study_name}{flag}[/]")
 
 
 # ------------------------------------------------------------------------------------ launch

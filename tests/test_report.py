@@ -182,3 +182,28 @@ def test_cli(studies, capsys):
     out = capsys.readouterr().out
     assert (studies.root / "reports" / "tiny" / "report.html").exists()  # the default folder
     assert "report written to" in out and f"logged to MLflow run {studies.parent}" in out
+
+
+def test_importances_with_pruned_trials_use_the_epochs_every_trial_reached():
+    """With pruning, the survivors are a biased handful: every finished trial is scored at the last common epoch."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from research.report import importances
+
+    study = optuna.create_study(direction="maximize")
+    dists = {"dropout": FloatDistribution(0.0, 0.5), "loss": CategoricalDistribution(["ce", "focal"])}
+    for i in range(8):
+        dropout = i / 16
+        curve = {epoch: (0.5 - dropout) * epoch / 10 for epoch in range(1, 11 if i == 0 else 7)}  # dropout hurts
+        study.add_trial(create_trial(
+            params={"dropout": dropout, "loss": ["ce", "focal"][i % 2]}, distributions=dists,
+            intermediate_values=curve, value=max(curve.values()) if i == 0 else None,
+            state=TrialState.COMPLETE if i == 0 else TrialState.PRUNED))
+    values, note = importances(study)
+    assert "up to epoch 6 of all 8 finished trials" in note
+    assert set(values) == {"dropout", "loss"} and values["dropout"] > values["loss"]
+    assert math.isclose(sum(values.values()), 1.0, abs_tol=1e-6)
+    lone = optuna.create_study(direction="maximize")  # one completed trial, nothing pruned: no variance to split
+    lone.add_trial(study.trials[0])
+    assert importances(lone) == ({}, "not computed: needs at least 2 scored trials (the objective of the completed trials (1))")

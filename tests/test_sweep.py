@@ -108,4 +108,4 @@ def test_cli_runs_a_spec(tiny_version, mlflow_store, tmp_path):
     out = subprocess.run([sys.executable, "-m", "research", "sweep", str(spec_file), "--storage",
                           f"journal:{tmp_path / 'cli.journal'}"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "research promote --study cli" in out.stdout
+    assert "research promote --study cli --model-filter resnet18" in out.stdout  # promote defaults to vgg16_v2
