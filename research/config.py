@@ -236,9 +236,8 @@ class TrainConfig:
     lr_schedule: str = "constant"
     warmup_epochs: int = 0  # linear warm-up, for cosine
     grad_clip: float = 0.0  # max global gradient norm per step (torch clip_grad_norm_); 0 = off
-    # lr multiplier for the classifier head (differential learning rates): > 1 for a pretrained trunk; < 1 for
-    # vgg16_v2 below 224 px, whose first head layer sees the 7x7 pool's copies of a smaller map (at 32 px a 1x1
-    # map copied 49 times, so each update lands 49 times: an effective lr 49x the nominal one)
+    # lr multiplier for the classifier head (differential learning rates), e.g. 10 with a pretrained trunk.
+    # (VGG16_v2's first head layer is scaled for the image size on top of it: VGGv2.lr_scales.)
     head_lr_scale: float = 1.0
     step_size: int = 10  # for step
     step_gamma: float = 0.1  # for step

@@ -104,7 +104,8 @@ def param_groups(params: Iterable[nn.Parameter] | nn.Module, weight_decay: float
         group = groups.setdefault((factor, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
                                                     "lr": lr * factor})
         group["params"].append(p)
-    return sorted(groups.values(), key=lambda g: (-g["lr"], -g["weight_decay"]))  # the base lr's groups first
+    # the base lr's groups first (the trainer logs group 0's lr), decayed before not decayed
+    return [groups[key] for key in sorted(groups, key=lambda k: (k[0] != 1.0, k[0], not k[1]))]
 
 
 def build_optimizer(cfg: TrainConfig, params: Iterable[nn.Parameter] | nn.Module) -> torch.optim.Optimizer:

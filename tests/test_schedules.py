@@ -210,3 +210,10 @@ def test_vgg16_v2_first_head_layer_lr_follows_the_pool_copies(size, factor):
     assert lr_of[id(model.classifier[3].weight)] == pytest.approx(0.1)
     assert lr_of[id(first)] == pytest.approx(0.1 * (factor or 1.0))
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # group 0 (the logged lr) is the base lr
+
+
+def test_base_lr_group_comes_first_when_the_head_runs_faster():
+    """The trainer logs param_groups[0]'s lr: it must be the base lr, also with head_lr_scale > 1."""
+    opt = build_optimizer(TrainConfig(lr=0.01, head_lr_scale=10.0), TinyNet())
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.01, 0.1, 0.1])
+    assert [g["weight_decay"] > 0 for g in opt.param_groups] == [True, False, True, False]
