@@ -539,7 +539,8 @@ def _print_top(study, spec: SweepSpec, summary: dict[str, Any], top: int = 5) ->
     if done:
         model = done[0].params.get("model", spec.base.get("model", TrainConfig().model))
         flag = "" if model == "vgg16_v2" else f" --model-filter {model}"  # promote picks vgg16_v2 runs by default
-        console.print(f"promote the best trial: [bold]python -m research promote --study {spec.study_name}{flag}[/]")
+        console.print(f"promote the best trial: [bold]python -m research promote --study {spec.study_name}{flag}[/]",
+                      soft_wrap=True)  # one line, so it copies as a command
 
 
 # ------------------------------------------------------------------------------------ launch
