@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -509,7 +510,10 @@ def _log_plots(client, parent: str, study, done) -> None:
              "parallel_coordinate": ovm.plot_parallel_coordinate}
     if len(done) >= 2 and len(study.best_trial.params) >= 1:
         plots["param_importances"] = ovm.plot_param_importances
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # one completed trial gives every parallel-coordinate axis a single value: matplotlib widens it,
+        # and says so once per axis
+        warnings.filterwarnings("ignore", message="Attempting to set identical", category=UserWarning)
         for name, fn in plots.items():
             try:
                 ax = fn(study)
