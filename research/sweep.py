@@ -541,8 +541,10 @@ def _print_top(study, spec: SweepSpec, summary: dict[str, Any], top: int = 5) ->
                       json.dumps(t.params, default=str), str(t.user_attrs.get("mlflow_run_id", "")))
     console.print(table)
     if done:
+        from research.registry import DEFAULT_FILTER
+
         model = done[0].params.get("model", spec.base.get("model", TrainConfig().model))
-        flag = "" if model == "vgg16_v2" else f" --model-filter {model}"  # promote picks vgg16_v2 runs by default
+        flag = "" if model == DEFAULT_FILTER else f" --model-filter {model}"  # promote's default filter
         console.print(f"promote the best trial: [bold]python -m research promote --study {spec.study_name}{flag}[/]",
                       soft_wrap=True)  # one line, so it copies as a command
 
