@@ -15,6 +15,7 @@ from PIL import Image
 
 from research.config import AugmentConfig, TrainConfig
 from research.data import cache as cache_mod
+from research.data.image import decode
 from research.data.loaders import BatchAugment, build_loaders, num_batches
 from research.data.versions import load_version
 
@@ -101,7 +102,7 @@ def test_decode_rule_composites_alpha_on_white(tmp_path):
     a[..., 0] = 200
     a[:20, :, 3] = 255  # top half opaque red-ish, bottom half transparent
     Image.fromarray(a, "RGBA").save(tmp_path / "x.png")
-    px = cache_mod.decode(tmp_path / "x.png", SIZE)
+    px = decode(tmp_path / "x.png", SIZE)
     assert px.shape == (SIZE, SIZE, 3) and px.dtype == np.uint8
     assert (px[-4:] == 255).all()  # transparent -> white paper, not black
     assert abs(int(px[2, 2, 0]) - 200) <= 1 and px[2, 2, 1] <= 1
@@ -111,7 +112,7 @@ def test_cache_invalidates_on_digest_and_size(version, tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod, "INLINE_BELOW", 0)  # exercise the process pool once
     root = tmp_path / "cache"
     first = cache_mod.ensure_cache(version, SIZE, root, workers=2, progress=False)
-    assert first.built and first.dir.name == f"{version.digest[:16]}-{SIZE}px"
+    assert first.built and first.dir.name == f"{version.digest[:16]}-{SIZE}px-bicubic"
     assert not cache_mod.ensure_cache(version, SIZE, root, progress=False).built  # served
     other_size = cache_mod.ensure_cache(version, 40, root, progress=False)
     assert other_size.built and other_size.dir != first.dir and other_size.arrays["train"].shape[1] == 40
@@ -122,6 +123,21 @@ def test_cache_invalidates_on_digest_and_size(version, tmp_path, monkeypatch):
     assert changed.built and changed.dir != first.dir
     # the same images under the same rule: the rebuilt arrays equal the first ones
     np.testing.assert_array_equal(changed.arrays["train"], first.arrays["train"])
+
+
+def test_interpolation_is_part_of_the_cache_key(version, tmp_path):
+    root = tmp_path / "cache"
+    bicubic = cache_mod.ensure_cache(version, SIZE, root, progress=False)
+    bilinear = cache_mod.ensure_cache(version, SIZE, root, progress=False, interpolation="bilinear")
+    assert bilinear.built and bilinear.dir != bicubic.dir and bilinear.meta["interpolation"] == "bilinear"
+    assert not cache_mod.ensure_cache(version, SIZE, root, progress=False).built  # the bicubic one is untouched
+    path = cache_mod.split_items(version, "train")[0][0]
+    np.testing.assert_array_equal(bilinear.arrays["train"][0], decode(path, SIZE, "bilinear"))
+    # a meta that claims another interpolation is not served
+    expected = cache_mod._expected(version, SIZE, "nearest")
+    assert "interpolation" in cache_mod.check(bicubic.dir, expected)
+    with pytest.raises(Exception, match="interpolation"):
+        cache_mod.ensure_cache(version, SIZE, root, progress=False, interpolation="lanczos")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "no_meta", "stale_meta"])

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from research.config import ConfigError
-from research.data.augment import OfflineAugment, augment_image
+from research.data.offline_augment import OfflineAugment, augment_image
 from research.data.split import LeakageError, Recipe, build_version, check_leakage, load_recipe, shipped_recipes
 from research.data.versions import load_version, mlflow_dataset
 

@@ -1,18 +1,20 @@
 """Decode a dataset version once into uint8 memory-mapped arrays, one per split.
 
-Layout: `data/cache/<version digest[:16]>-<S>px/` holds `<split>.u8` (raw uint8, shape
+Layout: `data/cache/<version digest[:16]>-<S>px-<interpolation>/` holds `<split>.u8` (raw uint8, shape
 [N, S, S, 3], rows in `split_items` order) and `meta.json`. NHWC rows keep one image in one
 contiguous block (a gather is one memcpy per image) and `permute(0, 3, 1, 2)` of a batch is
 already a channels_last tensor.
 
 Validity: `meta.json` is written last, atomically (tmp + os.replace). A cache is served only
-when meta exists, its digest, size, classes and per-split path order match the version, and
+when meta exists, its digest, size, interpolation, classes and per-split path order match the version, and
 every array file has exactly the byte size meta records. Anything else (killed mid-write,
-truncated copy, a changed version) is rebuilt. A changed digest or size is a different directory,
+truncated copy, a changed version) is rebuilt. A changed digest, size or interpolation is a different directory,
 so a stale cache is never even looked at. Byte-level corruption with an intact size is not
 detected (hashing gigabytes on every start costs more than it saves).
 
-The decode rule (`load_rgb`) is shared with the ImageFolder path so both see the same pixels.
+The decode rule is `research.data.image.decode`, shared with the ImageFolder path (`load_rgb`) and
+serving, so all see the same pixels. The interpolation is part of the key: a bicubic and a bilinear
+cache of the same version and size are different directories.
 """
 
 from __future__ import annotations
@@ -25,59 +27,31 @@ import json
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from research.config import ConfigError
+from research.data import image
+from research.data.image import SPLITS
+from research.data.pool import pmap
 
-SPLITS = ("train", "val", "test")
-CACHE_FORMAT = 1  # bump when the decode rule or the layout changes: old caches are then rebuilt
-WHITE = (255, 255, 255)
-RESAMPLE = Image.Resampling.BICUBIC
+CACHE_FORMAT = 2  # bump when the decode rule or the layout changes: old caches are then rebuilt
 CHUNK = 64  # images per worker task
 INLINE_BELOW = 256  # fewer images than this: decode in this process (a pool costs more than it saves)
 
 
 # ---------------------------------------------------------------------------------------- decode
 
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparent pixels are composited over white (the drawings' paper)."""
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        scale = 255.0 / 65535.0 if arr.max(initial=0) > 255 else 1.0
-        im = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L")
-    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-    if has_alpha:
-        rgba = im.convert("RGBA")
-        paper = Image.new("RGBA", rgba.size, WHITE + (255,))
-        paper.alpha_composite(rgba)
-        return paper.convert("RGB")
-    return im.convert("RGB")
+# The decode rule is research.data.image's; these names stay for callers outside research/data.
+decode = image.decode  # research/registry.py
 
 
-def load_rgb(path: str | Path, size: int) -> Image.Image:
-    """The one decode rule of both input paths.
-
-    EXIF orientation applied, any mode to RGB with alpha over white, then squashed to
-    (size, size) with Pillow's bicubic filter, which widens its support when shrinking
-    (antialiased). Squash, not crop: the whole drawing stays in view, as in the seed's 3x224x224.
-    """
-    with Image.open(path) as im:
-        im.seek(0)  # first frame of animations
-        im = ImageOps.exif_transpose(im)
-        im = to_rgb(im)
-    if im.size != (size, size):
-        im = im.resize((size, size), RESAMPLE)
-    return im
-
-
-def decode(path: str | Path, size: int) -> np.ndarray:
-    """uint8 [size, size, 3] pixels of `path` under the decode rule."""
-    return np.asarray(load_rgb(path, size), dtype=np.uint8)
+def load_rgb(path: str | Path, size: int, interpolation: str = "bicubic") -> Image.Image:
+    """The ImageFolder path's loader (research/data/loaders.py): the cache's pixels as a PIL image."""
+    return image.resize_square(image.open_rgb(path), size, interpolation)
 
 
 # ---------------------------------------------------------------------------------------- layout
@@ -102,14 +76,20 @@ def split_items(version, split: str) -> tuple[list[Path], np.ndarray]:
     return paths, labels
 
 
-def cache_dir(version, size: int, root: str | Path = "data/cache") -> Path:
+def cache_dir(version, size: int, root: str | Path = "data/cache", interpolation: str = "bicubic") -> Path:
     digest = str(getattr(version, "digest", "") or "")
     if len(digest) < 16:
         raise ConfigError(
             f"Version {version.name} has no digest ({digest!r}) in version.json, so it cannot be cached "
             "safely; rebuild it with `python -m research split ...` or use loader=folder."
         )
-    return Path(root) / f"{digest[:16]}-{size}px"
+    _check_interpolation(interpolation)
+    return Path(root) / f"{digest[:16]}-{size}px-{interpolation}"
+
+
+def _check_interpolation(interpolation: str) -> None:
+    if interpolation not in image.INTERPOLATIONS:
+        raise ConfigError(f"interpolation={interpolation!r} is not one of {', '.join(image.INTERPOLATIONS)}.")
 
 
 def _order_digest(paths: list[Path], base: Path) -> str:
@@ -130,7 +110,7 @@ class Cache:
     build_seconds: float
 
 
-def _expected(version, size: int) -> dict[str, Any]:
+def _expected(version, size: int, interpolation: str = "bicubic") -> dict[str, Any]:
     splits = {}
     for split in SPLITS:
         paths, labels = split_items(version, split)
@@ -146,6 +126,7 @@ def _expected(version, size: int) -> dict[str, Any]:
         "digest": version.digest,
         "version": version.name,
         "size": size,
+        "interpolation": interpolation,
         "layout": "NHWC uint8",
         "classes": list(version.classes),
         "splits": splits,
@@ -161,7 +142,7 @@ def check(path: Path, expected: dict[str, Any]) -> str | None:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as exc:
         return f"meta.json unreadable: {exc}"
-    for key in ("format", "digest", "size", "classes"):
+    for key in ("format", "digest", "size", "interpolation", "classes"):
         if meta.get(key) != expected[key]:
             return f"{key} changed: cached {meta.get(key)!r}, wanted {expected[key]!r}"
     for split, want in expected["splits"].items():
@@ -176,12 +157,13 @@ def check(path: Path, expected: dict[str, Any]) -> str | None:
     return None
 
 
-def _decode_chunk(array_path: str, shape: tuple[int, ...], start: int, paths: list[str], size: int) -> int:
+def _decode_chunk(job: tuple[str, tuple[int, ...], int, list[str], int, str]) -> int:
     """Worker: decode `paths` into rows start.. of the memmap at `array_path`."""
+    array_path, shape, start, paths, size, interpolation = job
     out = np.memmap(array_path, dtype=np.uint8, mode="r+", shape=shape)
     for i, p in enumerate(paths):
         try:
-            out[start + i] = decode(p, size)
+            out[start + i] = image.decode(p, size, interpolation)
         except Exception as exc:  # name the file: a bare PIL error says nothing about which one
             raise ValueError(f"Cannot decode {p} for the cache: {exc}. Re-run `python -m research clean` "
                              "and `split`, or remove the file from the version.") from exc
@@ -190,20 +172,12 @@ def _decode_chunk(array_path: str, shape: tuple[int, ...], start: int, paths: li
     return len(paths)
 
 
-def _progress(console=None):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
-    )
-
-
-def _build(path: Path, version, size: int, expected: dict[str, Any], workers: int | None, progress: bool) -> None:
+def _build(path: Path, version, size: int, expected: dict[str, Any], workers: int | None, progress: bool,
+           interpolation: str) -> None:
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)
-    jobs = []  # (array path, shape, start, paths)
+    jobs = []  # (array path, shape, start, paths, size, interpolation)
     for split in SPLITS:
         paths, _ = split_items(version, split)
         spec = expected["splits"][split]
@@ -214,24 +188,9 @@ def _build(path: Path, version, size: int, expected: dict[str, Any], workers: in
         else:
             file.touch()
         for start in range(0, len(paths), CHUNK):
-            jobs.append((str(file), shape, start, [str(p) for p in paths[start : start + CHUNK]]))
-    total = sum(len(j[3]) for j in jobs)
-    workers = workers or os.cpu_count() or 1
-    label = f"caching {version.name} at {size}px"
-    with _progress() if progress else contextlib.nullcontext() as bar:
-        task = bar.add_task(label, total=total) if bar else None
-        if workers <= 1 or total < INLINE_BELOW:
-            for job in jobs:
-                done = _decode_chunk(*job, size)
-                if bar:
-                    bar.advance(task, done)
-        else:
-            with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
-                futures = [pool.submit(_decode_chunk, *job, size) for job in jobs]
-                for fut in as_completed(futures):
-                    done = fut.result()
-                    if bar:
-                        bar.advance(task, done)
+            jobs.append((str(file), shape, start, [str(p) for p in paths[start : start + CHUNK]], size, interpolation))
+    pmap(_decode_chunk, jobs, workers=workers, progress=progress, label=f"caching {version.name} at {size}px",
+         total=sum(len(j[3]) for j in jobs), weight=int, inline_below=INLINE_BELOW, transient=False)
     for split in SPLITS:  # arrays on disk before meta says they are there
         file = path / expected["splits"][split]["file"]
         with open(file, "rb+") as fh:
@@ -254,10 +213,10 @@ def _lock(path: Path):
 
 
 def ensure_cache(version, size: int, root: str | Path = "data/cache", workers: int | None = None,
-                 progress: bool = True) -> Cache:
-    """The valid cache of (version, size), building or rebuilding it first when needed."""
-    path = cache_dir(version, size, root)
-    expected = _expected(version, size)
+                 progress: bool = True, interpolation: str = "bicubic") -> Cache:
+    """The valid cache of (version, size, interpolation), building or rebuilding it first when needed."""
+    path = cache_dir(version, size, root, interpolation)
+    expected = _expected(version, size, interpolation)
     built, seconds = False, 0.0
     with _lock(path):
         reason = check(path, expected)
@@ -267,7 +226,7 @@ def ensure_cache(version, size: int, root: str | Path = "data/cache", workers: i
 
                 Console(stderr=True).print(f"[yellow]rebuilding cache {path}: {reason}")
             start = time.perf_counter()
-            _build(path, version, size, expected, workers, progress)
+            _build(path, version, size, expected, workers, progress, interpolation)
             seconds = time.perf_counter() - start
             built = True
             reason = check(path, expected)

@@ -108,6 +108,47 @@ class Result:
         return np.isin(self.labels, self.photo_clusters)
 
 
+# ---------------------------------------------------------------- the stage (its helpers follow)
+
+
+def clean(root: str | Path, method: str = "auto", features: str | None = None, k: int = 2,
+          out: str | Path | None = None, seed: int = 0, max_sample: int = MAX_SAMPLE,
+          eps: float | None = None, min_samples: int = DBSCAN_MIN_SAMPLES, workers: int | None = None,
+          log: bool = True, progress: bool = True) -> dict:
+    """Detect photographs, write the outputs under `out`; returns clean.json's content (+ 'table')."""
+    if method not in METHODS:
+        raise ConfigError(f"clean: --method {method!r} is not one of {', '.join(METHODS)}.")
+    if method == "auto" and features is not None:
+        raise ConfigError("clean: --method auto tries every (method, features) pair in CANDIDATES; "
+                          "drop --features or name a method.")
+    root = Path(root)
+    out = Path(out) if out else Path("data/clean") / root.resolve().name
+    if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
+        raise ConfigError(f"clean: --out {out} lies inside the source {root}; write it elsewhere "
+                          "(the source is never modified).")
+    data = load(root, workers=workers, progress=progress)
+    kw = dict(k=k, seed=seed, max_sample=max_sample, eps=eps, min_samples=min_samples)
+    if method == "auto":
+        results = [run_method(data, m, f, **kw) for m, f in CANDIDATES]
+        best = max(results, key=lambda r: r.separation)
+        extra = {"chosen_by": "auto: highest silhouette of the kept/quarantined split in photo-feature space"}
+    else:
+        results = [run_method(data, method, features, **kw)]
+        best, extra = results[0], {}
+    table = methods_table(results, best)
+    extra["table"] = table.to_dict(orient="records")
+    info = write_outputs(data, best, out, extra)
+    table.to_csv(out / "methods.csv", index=False)
+    if method == "auto":
+        for r in results:
+            if r is not best:
+                plot_clusters(data, r, out / "methods" / r.name)
+    if log:
+        info["run_id"] = log_to_mlflow(data, results, best, out, auto=method == "auto")
+    info["out"] = str(out)
+    return info
+
+
 # ---------------------------------------------------------------- reading
 
 
@@ -420,47 +461,6 @@ def plot_clusters(data: Data, result: Result, out: Path, per_cluster: int = 40, 
                  f"mean photo-ness {row.mean_score:.2f}")
         paths = [data.root / data.items["path"].iloc[i] for i in pick]
         image_grid([(title, paths)], cols=10).save(out / f"cluster_{row.cluster}.png")
-
-
-# ---------------------------------------------------------------- the stage
-
-
-def clean(root: str | Path, method: str = "auto", features: str | None = None, k: int = 2,
-          out: str | Path | None = None, seed: int = 0, max_sample: int = MAX_SAMPLE,
-          eps: float | None = None, min_samples: int = DBSCAN_MIN_SAMPLES, workers: int | None = None,
-          log: bool = True, progress: bool = True) -> dict:
-    """Detect photographs, write the outputs under `out`; returns clean.json's content (+ 'table')."""
-    if method not in METHODS:
-        raise ConfigError(f"clean: --method {method!r} is not one of {', '.join(METHODS)}.")
-    if method == "auto" and features is not None:
-        raise ConfigError("clean: --method auto tries every (method, features) pair in CANDIDATES; "
-                          "drop --features or name a method.")
-    root = Path(root)
-    out = Path(out) if out else Path("data/clean") / root.resolve().name
-    if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
-        raise ConfigError(f"clean: --out {out} lies inside the source {root}; write it elsewhere "
-                          "(the source is never modified).")
-    data = load(root, workers=workers, progress=progress)
-    kw = dict(k=k, seed=seed, max_sample=max_sample, eps=eps, min_samples=min_samples)
-    if method == "auto":
-        results = [run_method(data, m, f, **kw) for m, f in CANDIDATES]
-        best = max(results, key=lambda r: r.separation)
-        extra = {"chosen_by": "auto: highest silhouette of the kept/quarantined split in photo-feature space"}
-    else:
-        results = [run_method(data, method, features, **kw)]
-        best, extra = results[0], {}
-    table = methods_table(results, best)
-    extra["table"] = table.to_dict(orient="records")
-    info = write_outputs(data, best, out, extra)
-    table.to_csv(out / "methods.csv", index=False)
-    if method == "auto":
-        for r in results:
-            if r is not best:
-                plot_clusters(data, r, out / "methods" / r.name)
-    if log:
-        info["run_id"] = log_to_mlflow(data, results, best, out, auto=method == "auto")
-    info["out"] = str(out)
-    return info
 
 
 def methods_table(results: list[Result], best: Result) -> pd.DataFrame:

@@ -18,9 +18,7 @@ import csv
 import hashlib
 import io
 import math
-import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 import importlib.util
@@ -30,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from research.data.scan import progress_bar
+from research.data.image import open_rgb
+from research.data.pool import pmap
 
 CLASSMAP = Path(__file__).with_name("emoji20.csv")
 LABEL_COLUMNS = ["path", "class", "style", "group", "emoji", "is_photo", "source", "license"]
@@ -266,8 +265,7 @@ def photo_path(name: str) -> Path:
 
 def _photo_crop(item: Item, rng: np.random.Generator) -> Image.Image:
     """A random crop (30-90% of the shorter side, aspect 0.7-1.4) resized to a random canvas."""
-    with Image.open(photo_path(item.asset)) as src:
-        photo = src.convert("RGB")
+    photo = open_rgb(photo_path(item.asset))
     w, h = _canvas_size(rng)
     side = rng.uniform(0.3, 0.9) * min(photo.size)
     cw = min(photo.width, round(side * math.sqrt(w / h)))
@@ -383,22 +381,11 @@ def _check_replaceable(out: Path) -> None:
 
 
 def _render_all(items: list[Item], out: Path, seed: int, workers: int | None, progress: bool) -> list[dict]:
-    workers = max(1, min(workers or os.cpu_count() or 1, len(items)))
     chunks = [items[i : i + 16] for i in range(0, len(items), 16)]
     tasks = [(chunk, str(out), seed) for chunk in chunks]
-    rows: list[dict] = []
-    with progress_bar(progress, len(items), f"build {out.name.removesuffix('.partial')}") as advance:
-        if workers == 1:
-            results = map(_make_many, tasks)
-            for chunk_rows in results:
-                rows += chunk_rows
-                advance(len(chunk_rows))
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for chunk_rows in pool.map(_make_many, tasks):
-                    rows += chunk_rows
-                    advance(len(chunk_rows))
-    return rows
+    done = pmap(_make_many, tasks, workers=workers, progress=progress, total=len(items), weight=len,
+                label=f"build {out.name.removesuffix('.partial')}", transient=False)
+    return [row for chunk_rows in done for row in chunk_rows]
 
 
 def count_table(labels: list[dict]) -> dict[str, dict[str, int]]:

@@ -19,14 +19,15 @@ coarser colours / a flatness tolerance (QUANT_BITS, FLAT_TOL) did not separate t
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
+
+from research.data.image import open_rgb  # also imported from here by research/eda.py
+from research.data.pool import pmap, workers_for
 
 RAW_SIZE = 32
 STAT_SIZE = 128
@@ -59,19 +60,6 @@ class Features:
     stats: pd.DataFrame  # FEATURE_COLUMNS; NaN where not ok
     ok: np.ndarray  # (n,) bool
     errors: list[str]
-
-
-def open_rgb(path: str | Path) -> Image.Image:
-    """Decode any image to RGB, transparent parts composited onto white (emoji are transparent)."""
-    with Image.open(path) as img:
-        if img.format == "JPEG":
-            img.draft("RGB", (2 * STAT_SIZE, 2 * STAT_SIZE))  # DCT downscale: big JPEGs decode fast
-        img.seek(0)
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(canvas, rgba).convert("RGB")
-        return img.convert("RGB")
 
 
 def raw_pixels(img: Image.Image, size: int = RAW_SIZE) -> np.ndarray:
@@ -139,14 +127,10 @@ def highfreq_ratio(grey: np.ndarray) -> float:
 def _one(args: tuple[str, int, int]) -> tuple[np.ndarray | None, dict | None, str]:
     path, raw_size, stat_size = args
     try:
-        img = open_rgb(path)
+        img = open_rgb(path, draft=2 * stat_size)  # JPEG DCT downscale: big JPEGs decode fast
         return raw_pixels(img, raw_size), image_stats(stat_view(img, stat_size)), ""
     except Exception as exc:  # a bad file is a row with ok=False, never a crash
         return None, None, f"{type(exc).__name__}: {exc}"
-
-
-def default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 1)))
 
 
 def extract(
@@ -158,8 +142,10 @@ def extract(
 ) -> Features:
     """Decode every path once; return raw pixels and photo statistics in input order."""
     jobs = [(str(p), raw_size, stat_size) for p in paths]
-    workers = default_workers() if workers is None else workers
-    results = _map(jobs, workers, progress)
+    workers = workers_for(workers, cap=8)  # None or 0: every CPU, at most 8
+    chunks = max(1, min(64, len(jobs) // (workers * 8) or 1))
+    results = pmap(_one, jobs, workers=workers, progress=progress, label="photo features", inline_below=64,
+                   chunksize=chunks)
     dim = raw_size * raw_size * 3
     raw = np.zeros((len(jobs), dim), np.uint8)
     rows, ok, errors = [], np.zeros(len(jobs), bool), []
@@ -169,26 +155,6 @@ def extract(
         rows.append(stats or {c: np.nan for c in FEATURE_COLUMNS})
         errors.append(err)
     return Features(raw=raw, stats=pd.DataFrame(rows, columns=FEATURE_COLUMNS), ok=ok, errors=errors)
-
-
-def _map(jobs, workers: int, progress: bool):
-    from rich.progress import Progress
-
-    chunks = max(1, min(64, len(jobs) // (workers * 8) or 1))
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("photo features", total=len(jobs))
-        if workers <= 1 or len(jobs) < 64:
-            out = []
-            for job in jobs:
-                out.append(_one(job))
-                bar.advance(task)
-            return out
-        out = []
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for res in pool.map(_one, jobs, chunksize=chunks):
-                out.append(res)
-                bar.advance(task)
-        return out
 
 
 def standardise(stats: pd.DataFrame, columns: list[str] | None = None) -> np.ndarray:

@@ -19,29 +19,28 @@ Bad files are rows with `ok=False` and a reason in `error`; nothing raises. Deci
   broken link are each a row with ok=False. A link to a regular file is read like the file.
 - Width/height are as stored; an EXIF orientation is not applied (the paths of EXIF-rotated
   JPEG/TIFF/WebP files are listed in `df.attrs['exif_rotated']`).
-- Headers claiming more than `MAX_PIXELS` pixels are decompression bombs: ok=False, never decoded.
+- Headers claiming more than `MAX_PIXELS` pixels (research.data.image's limit, the same for every decoder)
+  are decompression bombs: ok=False, never decoded.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import io
 import os
 import stat
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from PIL import Image
 
+from research.data.image import MAX_PIXELS
+from research.data.pool import pmap
+
 COLUMNS = ["class", "path", "format", "mode", "width", "height", "bytes", "sha256", "ok", "error"]
 
-# Pillow's own default limit (about 89.5 MP): more pixels than this and decoding could exhaust
-# memory. Fixed here so a caller who sets Image.MAX_IMAGE_PIXELS=None does not switch it off.
-MAX_PIXELS = 89_478_485
 _IN_MEMORY = 64 << 20  # files up to this size are read once into memory; bigger ones stream
 _EXIF_ORIENTATION = 0x0112
 _CHUNK = 256  # files per task sent to a worker process
@@ -234,38 +233,15 @@ def scan(root: str | Path, workers: int | None = None, progress: bool = True):
 
         raise ConfigError(f"scan: '{root}' is not a folder; pass the root of a class-per-folder tree.")
     entries = walk(root)
-    workers = max(1, workers or os.cpu_count() or 1)
     chunks = [entries[i : i + _CHUNK] for i in range(0, len(entries), _CHUNK)]
-    rows: list[Row] = []
-    with progress_bar(progress, len(entries), f"scan {root}", transient=True) as advance:
-        if workers == 1 or len(entries) < _INLINE_BELOW:
-            for chunk in chunks:
-                rows.extend(_inspect_chunk(chunk))
-                advance(len(chunk))
-        else:
-            with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
-                for chunk_rows in pool.map(_inspect_chunk, chunks):
-                    rows.extend(chunk_rows)
-                    advance(len(chunk_rows))
+    done = pmap(_inspect_chunk, chunks, workers=workers, progress=progress, label=f"scan {root}",
+                total=len(entries), weight=len, inline_below=_INLINE_BELOW)
+    rows: list[Row] = [row for chunk_rows in done for row in chunk_rows]
     records = [astuple(r)[:-1] for r in rows]
     df = pd.DataFrame.from_records(records, columns=COLUMNS)
     df = df.astype({"width": "int64", "height": "int64", "bytes": "int64", "ok": "bool"})
     df.attrs["exif_rotated"] = [r.path for r in rows if r.rotated]
     return df
-
-
-@contextlib.contextmanager
-def progress_bar(enabled: bool, total: int, label: str, transient: bool = False):
-    """A rich progress bar (or nothing) for the data stages; yields `advance(n)`."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=transient) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 def inventory_digest(df) -> str:

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,9 +33,10 @@ from PIL import Image
 
 from research import config
 from research.config import ConfigError
-from research.data.augment import OfflineAugment, png_bytes, to_rgb, write_augmented
+from research.data.image import SPLITS, open_rgb, to_rgb
+from research.data.offline_augment import OfflineAugment, png_bytes, write_augmented
+from research.data.pool import pmap, workers_for
 
-SPLITS = ("train", "val", "test")
 RECIPES_DIR = Path(__file__).parent / "recipes"
 MANIFEST_COLUMNS = ["path", "class", "split", "group", "sha256", "source_path", "augmented_from"]
 IMAGE_MODE = "RGB"  # every file in a version decodes to RGB without transparency
@@ -186,9 +186,7 @@ def phash_variants(image: Image.Image) -> np.ndarray:
 def hash_file(path: Path) -> tuple[str, np.ndarray]:
     """(sha256 of the bytes, phash variants) of one image file."""
     data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        return hashlib.sha256(data).hexdigest(), phash_variants(image)
+    return hashlib.sha256(data).hexdigest(), phash_variants(open_rgb(data))
 
 
 def near_matches(queries: np.ndarray, targets: np.ndarray, threshold: int, chunk: int = 256):
@@ -205,19 +203,11 @@ def near_matches(queries: np.ndarray, targets: np.ndarray, threshold: int, chunk
             yield start + int(i), int(j), int(best[i, j])
 
 
-def _workers(workers: int | None) -> int:
-    return workers or min(4, os.cpu_count() or 1)
-
-
 def _map(fn, items, workers: int | None, progress: bool, label: str) -> list:
+    """fn over items on threads: Pillow, zlib and hashlib release the GIL, and closures need no pickling."""
     items = list(items)
-    with ThreadPoolExecutor(_workers(workers)) as pool:
-        results = pool.map(fn, items)
-        if progress and len(items) > 200:
-            from rich.progress import track
-
-            results = track(results, total=len(items), description=label)
-        return list(results)
+    return pmap(fn, items, workers=workers_for(workers, cap=4), progress=progress and len(items) > 200,
+                label=label, threads=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -383,11 +373,11 @@ def _write_original(source: Path, root: Path, rel: str, expected_sha: str) -> tu
     sha = hashlib.sha256(data).hexdigest()
     if expected_sha and sha != expected_sha:
         raise ConfigError(f"{source} changed since cleansing (sha256 {sha[:12]} != {expected_sha[:12]}); rerun `python -m research clean`.")
-    with Image.open(io.BytesIO(data)) as image:
-        if (image.format, image.mode) not in COPY_AS_IS:
-            image.load()
-            data = png_bytes(to_rgb(image))
-            rel = (rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel) + ".png"
+    with Image.open(io.BytesIO(data)) as image:  # the header decides; pixels are decoded only to re-encode
+        as_is = (image.format, image.mode) in COPY_AS_IS
+    if not as_is:
+        data = png_bytes(open_rgb(data))
+        rel = (rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel) + ".png"
     out = root / rel
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)

@@ -17,8 +17,7 @@ from typing import Any
 import pandas as pd
 
 from research.config import ConfigError
-
-SPLITS = ("train", "val", "test")
+from research.data.image import SPLITS
 
 
 @dataclasses.dataclass

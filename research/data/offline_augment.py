@@ -1,8 +1,10 @@
-"""Offline augmentation for dataset versions: new training images written to disk.
+"""Offline augmentation for dataset versions (v1..v5): augmented copies of training images written to disk.
 
-Only the split stage calls this, and only on training images (augmenting before splitting is
-the seed's leakage bug). Every output is a pure function of (parent image, settings, seed):
-the same seed gives the same pixels and, with the fixed PNG settings below, the same bytes.
+The split stage calls this to fill classes below the balance floor, and only on training images
+(augmenting before splitting is the seed's leakage bug). Training-time augmentation is a different
+thing: `research.data.loaders.BatchAugment`, on batches on the device. Every output is a pure function
+of (parent image, settings, seed): the same seed gives the same pixels and, with the fixed PNG settings
+below, the same bytes.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from research.config import ConfigError
+from research.data.image import WHITE, open_rgb, to_rgb
 
-WHITE = (255, 255, 255)
 # v2 transforms draw from torch's global RNG, which threads share: seed-and-draw must not interleave.
 _RNG_LOCK = threading.Lock()
 
@@ -40,19 +42,6 @@ class OfflineAugment:
         for key in ("rotation", "color_jitter"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"augment.{key}={getattr(self, key)} must be >= 0 (0 turns it off).")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with any transparency composited on white (a plain convert would turn it black)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, WHITE + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def build_transform(cfg: OfflineAugment, size: tuple[int, int]) -> v2.Compose:
@@ -87,9 +76,7 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def write_augmented(parent: Path, out: Path, cfg: OfflineAugment, seed: int) -> bytes:
     """Write one augmented copy of the image file `parent` to `out` (PNG); returns its bytes."""
-    with Image.open(parent) as image:
-        image.load()
-        data = png_bytes(augment_image(image, cfg, seed))
+    data = png_bytes(augment_image(open_rgb(parent), cfg, seed))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)
     return data
