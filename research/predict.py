@@ -1,7 +1,7 @@
 """`python -m research predict`: classify image files with a registered (or any logged) model.
 
 The model is loaded once by URI (default `models:/illustration-classifier@champion`) through
-`research.registry.load_model`; files are sent in batches as the pyfunc's own input (column
+`research.serving.load_model`; files are sent in batches as the pyfunc's own input (column
 `image`, base64 bytes), so this command exercises exactly what a Python client or the HTTP
 server gets. A file that cannot be read or decoded is a row with an error, never a crash.
 """
@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from research.config import ConfigError
-from research.registry import CHAMPION, MODEL_NAME
+from research.serving import CHAMPION, MODEL_NAME, load_model
 
 console = Console()
 DEFAULT_URI = f"models:/{MODEL_NAME}@{CHAMPION}"
@@ -120,8 +120,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from research.registry import load_model
-
     files = collect(args.inputs)
     if not files:
         raise ConfigError(f"No image files under {', '.join(args.inputs)}.")

@@ -1,241 +1,54 @@
-"""Promote the best run to the MLflow model registry; load a registered model; the pyfunc wrapper.
+"""Choose a run and register it: `python -m research promote`.
 
-`promote(...)` picks the best FINISHED run that has a model (default: the best `vgg16_v2` by its
-best-epoch val macro F1), logs into that run a pyfunc model `classifier` that carries the
-preprocessing and the class names around the run's torch model, registers it as a new version
-of `illustration-classifier`, and moves the aliases: `champion` to the new version, `previous`
-to the one it replaces.
+`promote(...)` picks the best FINISHED run that has a model (default: the best of any architecture
+by its best-epoch val macro F1; `--model-filter vgg16_v2` keeps the seed's choice), logs into that
+run a pyfunc model `classifier` (research.serving.IllustrationClassifier: the preprocessing and the
+class names around the run's torch model), registers it as a new version of `illustration-classifier`,
+and moves the aliases: `champion` to the new version, `previous` to the one it replaces.
 
 Aliases are the lasting interface (`models:/illustration-classifier@champion`). Stages
 (`models:/illustration-classifier/Production`) are deprecated upstream (MLflow 2.9+) and still
 work in MLflow 3.17 with a FutureWarning; we also transition the new version to `Production`
 (archiving the old one) while the installed MLflow supports it, and warn when it does not.
 
-The torch module stays loadable for fine-tuning: `mlflow.pytorch.load_model(<version tag
-torch_model_uri>)`, i.e. `runs:/<run_id>/model`.
+Loading and serving a registered model lives in research.serving. The torch module stays loadable
+for fine-tuning: `mlflow.pytorch.load_model(<version tag torch_model_uri>)`, i.e. `runs:/<run_id>/model`.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import dataclasses
 import io
-import json
 import math
-import re
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
 from research import tracking
 from research.config import ConfigError
+from research.serving import (  # IllustrationClassifier here also unpickles pyfuncs logged when it lived here
+    CHAMPION, MODEL_NAME, PREVIOUS, STAGE, IllustrationClassifier, first_line, pip_requirements, prob_column, read_meta,
+)
+from research.serving import load_model  # noqa: F401 - re-exported: research/demo.py imports it from here
 
 console = Console()
 
-MODEL_NAME = "illustration-classifier"
-CHAMPION, PREVIOUS, STAGE = "champion", "previous", "Production"
 PYFUNC_NAME = "classifier"  # the pyfunc model's name inside the source run
 TORCH_NAME = "model"  # the torch model's name inside a training run (research/train.py)
-DEFAULT_FILTER = "vgg16_v2"
+DEFAULT_FILTER = None  # any architecture: the best run wins, whatever its params.model
 DEFAULT_METRIC = "val_f1_macro"
 LOWER_IS_BETTER = ("loss",)  # a metric whose name contains one of these is minimised
-CHUNK = 64  # images per forward pass inside the pyfunc
 
 
 class PromotionRefused(ConfigError):
     """The candidate is worse than the current champion on test macro F1 (pass --force to promote anyway)."""
-
-
-# ------------------------------------------------------------------------------ the classifier
-
-def prob_column(cls: str) -> str:
-    return f"p_{cls}"
-
-
-def decode_payload(value: Any) -> bytes:
-    """A cell of the `image` column -> image bytes: base64 text (the interface) or raw bytes."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if not isinstance(value, str):
-        raise ValueError(f"expected base64 text, got {type(value).__name__}")
-    text = value.strip()
-    if text.startswith("data:") and "," in text:  # a data URL: data:image/png;base64,....
-        text = text.split(",", 1)[1]
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"not base64: {exc}") from exc
-
-
-class Classifier:
-    """A torch module + model_meta.json: bytes in, class probabilities out, with training's decode rule.
-
-    Preprocessing is training's own code: `research.data.cache.decode` (EXIF transpose, RGB with
-    alpha over white, squash to image_size x image_size with antialiased bicubic) and
-    `research.data.loaders.Normalize` (/255, ImageNet mean/std), so both see the same numbers.
-    """
-
-    def __init__(self, module, meta: dict[str, Any], device: str | None = None):
-        import torch
-
-        self.meta = meta
-        self.classes: list[str] = list(meta["classes"])
-        self.size = int(meta["image_size"])
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.module = module.to(self.device).eval()
-        self._check_meta()
-
-    def _check_meta(self) -> None:
-        from research.data import loaders
-
-        mean, std = tuple(self.meta.get("mean", loaders.IMAGENET_MEAN)), tuple(self.meta.get("std", loaders.IMAGENET_STD))
-        if not (np.allclose(mean, loaders.IMAGENET_MEAN) and np.allclose(std, loaders.IMAGENET_STD)):
-            raise ConfigError(f"model_meta.json mean/std {mean}/{std} differ from the loaders' ImageNet values; "
-                              "this code normalises with research.data.loaders.Normalize only.")
-
-    def pixels(self, data: bytes) -> np.ndarray:
-        """uint8 [S, S, 3] under the training decode rule."""
-        from research.data.cache import decode
-
-        return decode(io.BytesIO(data), self.size)
-
-    def tensor(self, arrays: list[np.ndarray]):
-        """uint8 [S, S, 3] list -> normalised float32 [B, 3, S, S] on the device (as training's eval batches)."""
-        import torch
-
-        from research.data.loaders import Normalize
-
-        x = torch.from_numpy(np.stack(arrays)).to(self.device).permute(0, 3, 1, 2)
-        return Normalize(self.device)(x).contiguous()
-
-    def probabilities(self, arrays: list[np.ndarray]) -> np.ndarray:
-        import torch
-
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(arrays), CHUNK):
-                logits = self.module(self.tensor(arrays[start : start + CHUNK]))
-                out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
-
-    def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """DataFrame with column `image` -> label, probability, p_<class>..., error (one row per input row)."""
-        if "image" not in frame.columns:
-            raise ValueError(f"input needs a column 'image' of base64-encoded image bytes; got columns {list(frame.columns)}")
-        arrays, ok, errors = [], [], []
-        for value in frame["image"].tolist():
-            try:
-                arrays.append(self.pixels(decode_payload(value)))
-                ok.append(True)
-                errors.append("")
-            except Exception as exc:  # one unreadable image is that row's error, not the batch's
-                ok.append(False)
-                errors.append(row_error(exc))
-        probs = np.full((len(ok), len(self.classes)), np.nan, dtype=np.float64)
-        if arrays:
-            probs[np.array(ok)] = self.probabilities(arrays)
-        best = np.where(np.array(ok, dtype=bool), np.nan_to_num(probs, nan=-1.0).argmax(1), -1)
-        out = pd.DataFrame({
-            "label": [self.classes[i] if i >= 0 else "" for i in best],
-            "probability": [float(probs[r, i]) if i >= 0 else math.nan for r, i in enumerate(best)],
-        })
-        for j, cls in enumerate(self.classes):
-            out[prob_column(cls)] = probs[:, j]
-        out["error"] = errors
-        return out
-
-
-def row_error(exc: Exception) -> str:
-    """`UnidentifiedImageError: cannot identify image file` without the BytesIO object's address."""
-    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc)).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _read_meta(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_dir) / "extra_files" / "model_meta.json"
-    if not path.is_file():
-        raise ConfigError(f"{model_dir} has no extra_files/model_meta.json: it is not a model logged by research/train.py.")
-    return json.loads(path.read_text())
-
-
-def classifier_from_torch_dir(model_dir: str | Path, device: str | None = None) -> Classifier:
-    """A Classifier from a local copy of a training run's torch model (`runs:/<id>/model`)."""
-    import mlflow.pytorch
-    import torch
-
-    map_location = None if torch.cuda.is_available() else "cpu"  # a GPU-trained pickle on a CPU box
-    module = mlflow.pytorch.load_model(str(model_dir), map_location=map_location)
-    return Classifier(module, _read_meta(model_dir), device)
-
-
-try:
-    from mlflow.pyfunc import PythonModel as _PythonModel
-except ImportError:  # pragma: no cover - mlflow is a hard requirement
-    _PythonModel = object
-
-
-class IllustrationClassifier(_PythonModel):
-    """The registered pyfunc: column `image` (base64 image bytes) -> label, probability, p_<class>, error."""
-
-    def load_context(self, context) -> None:
-        self.classifier = classifier_from_torch_dir(context.artifacts["torch_model"])
-
-    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        if not isinstance(model_input, pd.DataFrame):
-            model_input = pd.DataFrame(model_input)
-        return self.classifier.predict_frame(model_input)
-
-
-# ------------------------------------------------------------------------------ loading
-
-def load_model(uri: str):
-    """Anything with `.predict(DataFrame)` for a model URI.
-
-    `models:/NAME@alias`, `models:/NAME/Production`, `models:/NAME/<version>`, `runs:/<id>/classifier`
-    load the registered pyfunc; a training run's torch model (`runs:/<id>/model`) is wrapped in
-    the same Classifier, so both give the same columns.
-    """
-    import mlflow
-
-    tracking.setup()
-    tracking.check_reachable()
-    try:
-        info = mlflow.models.get_model_info(uri)
-    except Exception as exc:
-        raise ConfigError(f"Cannot find model {uri!r} ({_short(exc)}). Promote one first with "
-                          f"`python -m research promote`, or list versions in `python -m research ui`.") from exc
-    loader = info.flavors.get("python_function", {}).get("loader_module")
-    if "pytorch" in info.flavors and loader == "mlflow.pytorch":
-        local = mlflow.artifacts.download_artifacts(uri)
-        return _ClassifierModel(classifier_from_torch_dir(local))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # stage URIs warn; they still resolve
-        return mlflow.pyfunc.load_model(uri)
-
-
-def load_champion(name: str = MODEL_NAME, alias: str = CHAMPION):
-    return load_model(f"models:/{name}@{alias}")
-
-
-class _ClassifierModel:
-    def __init__(self, classifier: Classifier):
-        self.classifier = classifier
-
-    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
-        return self.classifier.predict_frame(frame)
-
-
-def _short(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 # ------------------------------------------------------------------------------ picking a run
@@ -336,10 +149,12 @@ def pick_run(client, *, study: str | None = None, run_id: str | None = None, exp
     if not scored:
         scope = " ".join(f"{k}={v!r}" for k, v in (("study", study), ("experiment", experiment),
                                                     ("model", model_filter)) if v) or "all experiments"
+        train = "python -m research train" + (f" --model {model_filter}" if model_filter else "")
+        widen = "drop --model-filter, " if model_filter else ""
         raise ConfigError(
             f"No FINISHED run with a model and metric {metric!r} in {scope} ({len(runs)} finished run(s) matched "
-            f"the filter). Train one (`python -m research train --model {model_filter or 'vgg16_v2'}`), "
-            "or widen the search: --model-filter any, another --study/--experiment, or --run RUN_ID."
+            f"the filter). Train one (`{train}`), or widen the search: {widen}another --study/--experiment, "
+            "or --run RUN_ID."
         )
     sign = -1.0 if _minimise(metric) else 1.0
     # ties go to the earlier run: a re-run that merely equals the champion does not displace it
@@ -353,7 +168,7 @@ def _named_run(client, run_id: str, metric: str) -> Candidate:
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
-        raise ConfigError(f"No MLflow run {run_id!r} in {tracking.tracking_uri()} ({_short(exc)}).") from exc
+        raise ConfigError(f"No MLflow run {run_id!r} in {tracking.tracking_uri()} ({first_line(exc)}).") from exc
     if run.info.status != "FINISHED":
         raise ConfigError(f"Run {run_id} is {run.info.status}, not FINISHED; only finished runs can be promoted "
                           "(pruned trials end KILLED and have no model).")
@@ -463,13 +278,11 @@ def log_pyfunc(client, run_id: str) -> tuple[str, dict[str, Any]]:
     """
     import mlflow
 
-    from research.train import pip_requirements
-
     run = client.get_run(run_id)
     end_time, status = run.info.end_time, run.info.status
     with tempfile.TemporaryDirectory() as tmp:
         torch_dir = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{TORCH_NAME}", dst_path=tmp)
-        meta = _read_meta(torch_dir)
+        meta = read_meta(torch_dir)
         classes = meta["classes"]
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
@@ -513,7 +326,7 @@ def transition_stage(client, name: str, version: str) -> tuple[str | None, str]:
             client.transition_model_version_stage(name, version, STAGE, archive_existing_versions=True)
         return STAGE, "stages are deprecated upstream; aliases are the lasting interface"
     except Exception as exc:  # a future MLflow without stages: the aliases are enough
-        note = f"stage transition unavailable ({_short(exc)}); use the alias @{CHAMPION}"
+        note = f"stage transition unavailable ({first_line(exc)}); use the alias @{CHAMPION}"
         warnings.warn(note, stacklevel=2)
         return None, note
 
@@ -521,7 +334,10 @@ def transition_stage(client, name: str, version: str) -> tuple[str | None, str]:
 def promote(*, study: str | None = None, run_id: str | None = None, experiment: str | None = None,
             model_filter: str | None = DEFAULT_FILTER, metric: str = DEFAULT_METRIC, name: str = MODEL_NAME,
             force: bool = False) -> Promotion:
-    """Register the best run (or `run_id`) as the champion version of `name`; see the module docstring.
+    """Register the best run as the champion version of `name`; see the module docstring.
+
+    The best run of any architecture by `metric`, unless `model_filter` names one (None or "any": all),
+    within `study` or `experiment` when given; `run_id` skips the choice.
 
     Raises PromotionRefused when the candidate's test macro F1 is below the champion's and not `force`.
     Promoting the current champion's run again changes nothing.
@@ -574,8 +390,9 @@ def add_arguments(parser) -> None:
     scope.add_argument("--study", help="pick among the trials of this Optuna study (tag optuna_study)")
     scope.add_argument("--run", dest="run_id", metavar="RUN_ID", help="promote this run")
     scope.add_argument("--experiment", help="pick among the runs of this MLflow experiment (default: all)")
-    parser.add_argument("--model-filter", default=DEFAULT_FILTER,
-                        help=f"only runs with params.model = this (default {DEFAULT_FILTER}; 'any' for all models)")
+    parser.add_argument("--model-filter", default=DEFAULT_FILTER, metavar="MODEL",
+                        help="only runs with params.model = MODEL, e.g. vgg16_v2 for the seed's choice "
+                             "(default: any model; the best run wins whatever its architecture)")
     parser.add_argument("--metric", default=DEFAULT_METRIC,
                         help=f"rank by this metric's best value over epochs (default {DEFAULT_METRIC})")
     parser.add_argument("--name", default=MODEL_NAME, help=f"registered model name (default {MODEL_NAME})")
@@ -589,8 +406,13 @@ def run(args) -> int:
     return 0
 
 
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 def print_promotion(p: Promotion) -> None:
-    fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
     if p.already_champion:
         console.print(f"[green]run {p.run_id} is already the champion[/]: {p.name} version {p.version} "
                       f"(@{CHAMPION}); nothing changed.")
@@ -600,11 +422,11 @@ def print_promotion(p: Promotion) -> None:
     table.add_column("")
     rows = [
         ("source run", p.run_id),
-        (f"best {p.metric}", fmt(p.score)),
-        ("test_f1_macro", fmt(p.test_f1)),
+        (f"best {p.metric}", _fmt(p.score)),
+        ("test_f1_macro", _fmt(p.test_f1)),
         ("version", p.version + (" (existing version of this run)" if p.reused_version else " (new)")),
         (f"alias @{CHAMPION}", f"-> version {p.version}"),
-        (f"alias @{PREVIOUS}", f"-> version {p.previous_version} (test_f1_macro {fmt(p.previous_test_f1)})"
+        (f"alias @{PREVIOUS}", f"-> version {p.previous_version} (test_f1_macro {_fmt(p.previous_test_f1)})"
          if p.previous_version and p.previous_version != p.version else "-"),
         ("stage", f"{p.stage} (older versions archived; {p.stage_note})" if p.stage else p.stage_note),
         ("load (pyfunc)", p.uri),

@@ -1,0 +1,259 @@
+"""Serving a trained model: what a consumer needs besides MLflow itself.
+
+A model logged by research/train.py is a torch module plus `extra_files/model_meta.json`: the
+class names and the preprocessing it was trained with (image size, mean/std, interpolation).
+`Classifier` turns image bytes into class probabilities with exactly that preprocessing, through
+the same `research.data.image.decode` and `normalize` that training uses. `IllustrationClassifier`
+is the registered pyfunc around it: column `image` (base64 image bytes) in; `label`,
+`probability`, `p_<class>` and `error` out, one row per input row.
+
+`load_model(uri)` gives anything with `.predict(DataFrame)` for a registered version, an alias,
+a stage, or a training run's torch model; `load_champion()` is `models:/illustration-classifier@champion`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel  # the pyfunc's base class; the one heavy import a `--help` pays for
+
+from research import tracking
+from research.config import ConfigError
+from research.data.image import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, decode, normalize
+
+# Names users and scripts rely on; the registry module re-exports them.
+MODEL_NAME = "illustration-classifier"
+CHAMPION, PREVIOUS, STAGE = "champion", "previous", "Production"
+META_FILE = "model_meta.json"  # logged as an extra file of the torch model, so it travels with the weights
+CHUNK = 64  # images per forward pass
+
+
+# ------------------------------------------------------------------------------ model metadata
+
+def model_meta(*, classes, image_size: int, mean, std, interpolation: str, model: str, dataset_version: str,
+               dataset_digest: str, channels_last: bool, **extra) -> dict[str, Any]:
+    """What a consumer of the model needs besides its weights: class names and the preprocessing, as a plain dict."""
+    meta = {
+        "classes": [str(c) for c in classes], "image_size": int(image_size),
+        "mean": [float(v) for v in mean], "std": [float(v) for v in std], "interpolation": interpolation,
+        "resize": f"RGB (alpha on white, EXIF transposed), squashed to image_size x image_size, {interpolation}",
+        "model": model, "dataset_version": dataset_version, "dataset_digest": dataset_digest,
+        "channels_last": bool(channels_last),
+    }
+    check_meta(meta | extra)
+    return meta | extra
+
+
+def check_meta(meta: dict[str, Any]) -> None:
+    """Refuse preprocessing this code cannot reproduce, naming the bad value (not one error per image later)."""
+    if meta.get("interpolation") not in INTERPOLATIONS:
+        raise ConfigError(f"{META_FILE}: interpolation={meta.get('interpolation')!r} is not one of "
+                          f"{', '.join(INTERPOLATIONS)}.")
+    for key in ("mean", "std"):
+        values = meta.get(key)
+        if not (isinstance(values, (list, tuple)) and len(values) == 3):
+            raise ConfigError(f"{META_FILE}: {key}={values!r} needs one value per RGB channel (3 numbers).")
+    if any(float(s) <= 0 for s in meta["std"]):
+        raise ConfigError(f"{META_FILE}: std={meta['std']!r} must be positive.")
+    if int(meta.get("image_size") or 0) <= 0 or not meta.get("classes"):
+        raise ConfigError(f"{META_FILE}: needs a positive image_size and a list of classes, got "
+                          f"image_size={meta.get('image_size')!r}, classes={meta.get('classes')!r}.")
+
+
+def read_meta(model_dir: str | Path) -> dict[str, Any]:
+    """`<model_dir>/extra_files/model_meta.json`; models logged before it had them get bicubic and ImageNet mean/std."""
+    path = Path(model_dir) / "extra_files" / META_FILE
+    if not path.is_file():
+        raise ConfigError(f"{model_dir} has no extra_files/{META_FILE}: it is not a model logged by research/train.py.")
+    meta = json.loads(path.read_text())
+    meta.setdefault("interpolation", "bicubic")
+    meta.setdefault("mean", list(IMAGENET_MEAN))
+    meta.setdefault("std", list(IMAGENET_STD))
+    return meta
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of a logged model: what the serving side imports, at this machine's versions."""
+    from importlib.metadata import version as v
+
+    reqs = [f"torch=={v('torch').split('+')[0]}", f"torchvision=={v('torchvision').split('+')[0]}",
+            f"pillow=={v('pillow')}", f"pandas=={v('pandas')}", f"numpy=={v('numpy')}", f"mlflow=={v('mlflow')}"]
+    try:
+        reqs.append(f"timm=={v('timm')}")
+    except Exception:  # timm is optional: only timm:<name> models need it
+        pass
+    return reqs
+
+
+# ------------------------------------------------------------------------------ the classifier
+
+def prob_column(cls: str) -> str:
+    return f"p_{cls}"
+
+
+def decode_payload(value: Any) -> bytes:
+    """A cell of the `image` column -> image bytes: base64 text (the interface) or raw bytes."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected base64 text, got {type(value).__name__}")
+    text = value.strip()
+    if text.startswith("data:") and "," in text:  # a data URL: data:image/png;base64,....
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"not base64: {exc}") from exc
+
+
+def row_error(exc: Exception) -> str:
+    """`UnidentifiedImageError: cannot identify image file` without the BytesIO object's address."""
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc)).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Classifier:
+    """A torch module + its model_meta.json: image bytes in, class probabilities out.
+
+    Pixels go through `research.data.image.decode` (the meta's image_size and interpolation) and
+    `normalize` (the meta's mean/std), the functions training itself uses, so both see the same numbers.
+    """
+
+    def __init__(self, module, meta: dict[str, Any], device: str | None = None):
+        import torch  # heavy; only a loaded model needs it
+
+        check_meta(meta)
+        self.meta = meta
+        self.classes: list[str] = list(meta["classes"])
+        self.size = int(meta["image_size"])
+        self.interpolation: str = meta["interpolation"]
+        self.mean = tuple(float(v) for v in meta["mean"])
+        self.std = tuple(float(v) for v in meta["std"])
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.module = module.to(self.device).eval()
+
+    def pixels(self, data: bytes) -> np.ndarray:
+        """uint8 [S, S, 3] under the training decode rule."""
+        return decode(data, self.size, self.interpolation)
+
+    def tensor(self, arrays: list[np.ndarray]):
+        """uint8 [S, S, 3] list -> normalised float32 [B, 3, S, S] on the device (as training's eval batches)."""
+        import torch
+
+        x = torch.from_numpy(np.stack(arrays)).to(self.device).permute(0, 3, 1, 2)
+        return normalize(x, self.mean, self.std).contiguous()
+
+    def probabilities(self, arrays: list[np.ndarray]) -> np.ndarray:
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(arrays), CHUNK):
+                logits = self.module(self.tensor(arrays[start : start + CHUNK]))
+                out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """DataFrame with column `image` -> label, probability, p_<class>..., error (one row per input row)."""
+        if "image" not in frame.columns:
+            raise ValueError("input needs a column 'image' of base64-encoded image bytes; "
+                             f"got columns {list(frame.columns)}")
+        arrays, ok, errors = [], [], []
+        for value in frame["image"].tolist():
+            try:
+                arrays.append(self.pixels(decode_payload(value)))
+                ok.append(True)
+                errors.append("")
+            except Exception as exc:  # one unreadable image is that row's error, not the batch's
+                ok.append(False)
+                errors.append(row_error(exc))
+        probs = np.full((len(ok), len(self.classes)), np.nan, dtype=np.float64)
+        if arrays:
+            probs[np.array(ok)] = self.probabilities(arrays)
+        best = np.where(np.array(ok, dtype=bool), np.nan_to_num(probs, nan=-1.0).argmax(1), -1)
+        out = pd.DataFrame({
+            "label": [self.classes[i] if i >= 0 else "" for i in best],
+            "probability": [float(probs[r, i]) if i >= 0 else math.nan for r, i in enumerate(best)],
+        })
+        for j, cls in enumerate(self.classes):
+            out[prob_column(cls)] = probs[:, j]
+        out["error"] = errors
+        return out
+
+
+def classifier_from_torch_dir(model_dir: str | Path, device: str | None = None) -> Classifier:
+    """A Classifier from a local copy of a training run's torch model (`runs:/<id>/model`)."""
+    import mlflow.pytorch
+    import torch
+
+    map_location = None if torch.cuda.is_available() else "cpu"  # a GPU-trained pickle on a CPU box
+    module = mlflow.pytorch.load_model(str(model_dir), map_location=map_location)
+    return Classifier(module, read_meta(model_dir), device)
+
+
+class IllustrationClassifier(PythonModel):
+    """The registered pyfunc: column `image` (base64 image bytes) -> label, probability, p_<class>, error."""
+
+    def load_context(self, context) -> None:
+        self.classifier = classifier_from_torch_dir(context.artifacts["torch_model"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        if not isinstance(model_input, pd.DataFrame):
+            model_input = pd.DataFrame(model_input)
+        return self.classifier.predict_frame(model_input)
+
+
+# ------------------------------------------------------------------------------ loading
+
+def load_model(uri: str):
+    """Anything with `.predict(DataFrame)` for a model URI.
+
+    `models:/NAME@alias`, `models:/NAME/Production`, `models:/NAME/<version>`, `runs:/<id>/classifier`
+    load the registered pyfunc; a training run's torch model (`runs:/<id>/model`) is wrapped in
+    the same Classifier, so both give the same columns.
+    """
+    import mlflow
+
+    tracking.setup()
+    tracking.check_reachable()
+    try:
+        info = mlflow.models.get_model_info(uri)
+    except Exception as exc:
+        raise ConfigError(f"Cannot find model {uri!r} ({first_line(exc)}). Promote one first with "
+                          f"`python -m research promote`, or list versions in `python -m research ui`.") from exc
+    loader = info.flavors.get("python_function", {}).get("loader_module")
+    if "pytorch" in info.flavors and loader == "mlflow.pytorch":
+        local = mlflow.artifacts.download_artifacts(uri)
+        return ClassifierModel(classifier_from_torch_dir(local))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # stage URIs warn; they still resolve
+        return mlflow.pyfunc.load_model(uri)
+
+
+def load_champion(name: str = MODEL_NAME, alias: str = CHAMPION):
+    return load_model(f"models:/{name}@{alias}")
+
+
+class ClassifierModel:
+    """A bare torch model's Classifier behind the pyfunc's `.predict(frame)`."""
+
+    def __init__(self, classifier: Classifier):
+        self.classifier = classifier
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return self.classifier.predict_frame(frame)
+
+
+def first_line(exc: Exception) -> str:
+    """An exception's first line (MLflow's can run to pages), for error messages."""
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
