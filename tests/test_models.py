@@ -88,8 +88,8 @@ def test_torchvision_heads_are_replaced():
     # build on the meta device: only the layer shapes matter here, not 130M initialised weights
     with torch.device("meta"):
         assert build_model("vgg16", 7).classifier[-1].out_features == 7
-        assert build_model("resnet50", 7).fc.out_features == 7
-        assert build_model("resnet101", 7).fc.out_features == 7
+        assert build_model("resnet50", 7).head.out_features == 7
+        assert build_model("resnet101", 7).head.out_features == 7
 
 
 def test_unknown_model_lists_the_choices():
@@ -101,7 +101,7 @@ def test_unknown_model_lists_the_choices():
 
 @pytest.mark.parametrize("name", ["resnet18", "vgg16_v2", "vgg16_bn_v2", "timm:resnet18"])
 def test_pretrained_without_cached_weights_fails_clearly(name, empty_caches):
-    with pytest.raises(ConfigError, match="not in the local cache .*drop --pretrained"):
+    with pytest.raises(ConfigError, match="(?s)(not in the local cache|not found offline).*drop --pretrained"):
         build_model(name, 20, pretrained=True)
 
 
@@ -113,8 +113,8 @@ def test_pretrained_loads_from_the_local_torch_cache(empty_caches):
     source = torchvision.models.resnet18()
     torch.save(source.state_dict(), path)
     model = build_model("resnet18", 3, pretrained=True)
-    assert torch.equal(model.conv1.weight, source.conv1.weight)
-    assert model.fc.out_features == 3
+    assert torch.equal(model.trunk.conv1.weight, source.conv1.weight)
+    assert model.head.out_features == 3
 
 
 def test_head_dropout_is_configurable_where_the_model_has_one():
@@ -123,6 +123,57 @@ def test_head_dropout_is_configurable_where_the_model_has_one():
         assert [m.p for m in v2.classifier if isinstance(m, nn.Dropout)] == [0.1] * 5
         assert [m.p for m in build_model("vgg16_v2", 5).classifier if isinstance(m, nn.Dropout)] == [0.5] * 5
         assert all(m.p == 0.2 for m in build_model("vgg16", 5, dropout=0.2).classifier if isinstance(m, nn.Dropout))
-        assert build_model("timm:resnet18", 5, dropout=0.3).drop_rate == 0.3
-        with pytest.raises(ConfigError, match="no head dropout"):
-            build_model("resnet18", 5, dropout=0.3)
+        assert build_model("timm:resnet18", 5, dropout=0.3).head[0].p == 0.3
+        assert build_model("resnet18", 5, dropout=0.3).head[0].p == 0.3
+        assert isinstance(build_model("resnet18", 5).head, nn.Linear)  # no dropout unless asked (torchvision's)
+
+
+def test_every_config_model_name_has_a_builder():
+    from research.config import MODELS
+    from research.models import BUILDERS
+
+    assert set(BUILDERS) == set(MODELS)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0", "timm:mobilenetv3_small_050"])
+def test_the_seeds_v2_head_goes_on_any_trunk(name):
+    from research.models import V2_HIDDEN
+
+    model = build_model(name, num_classes=4, head="v2").eval()
+    widths = [m.out_features for m in model.head if isinstance(m, nn.Linear)]
+    assert widths == [*V2_HIDDEN, 4]
+    assert model.head[0].in_features == model.num_features
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    with pytest.raises(ConfigError, match="vgg16_v2"):
+        build_model("vgg16", 4, head="v2")
+
+
+def test_preprocessing_comes_from_the_model():
+    """timm's pretrained config for timm models, torchvision's weights meta for torchvision ones."""
+    from research.models import preprocessing
+
+    lite = preprocessing(build_model("efficientnet_lite0", 3))
+    assert (lite.image_size, lite.mean, lite.std, lite.interpolation) == (224, (0.5,) * 3, (0.5,) * 3, "bicubic")
+    assert preprocessing(build_model("efficientnet_lite2", 3)).image_size == 260
+    with torch.device("meta"):
+        resnet = preprocessing(build_model("resnet18", 3), image_size=64)
+    assert resnet.image_size == 64 and resnet.interpolation == "bilinear"
+    assert resnet.mean == pytest.approx((0.485, 0.456, 0.406)) and resnet.std == pytest.approx((0.229, 0.224, 0.225))
+
+
+def test_a_frozen_trunk_keeps_its_batch_norm_statistics():
+    from research.models import set_trunk_frozen, train_mode
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3)
+    set_trunk_frozen(model, True)
+    train_mode(model)
+    before = model.trunk.bn1.running_mean.clone()
+    model(torch.randn(4, 3, 32, 32) * 5 + 3)
+    assert torch.equal(model.trunk.bn1.running_mean, before) and model.head.training
+    assert all(not p.requires_grad for p in model.trunk.parameters())
+    set_trunk_frozen(model, False)
+    train_mode(model)
+    model(torch.randn(4, 3, 32, 32) * 5 + 3)
+    assert not torch.equal(model.trunk.bn1.running_mean, before)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from research.config import ConfigError, TrainConfig, replace
-from research.schedules import build_optimizer, build_scheduler, parse_epoch_list
+from research.schedules import build_optimizer, build_scheduler, param_groups, parse_epoch_list
+from research.train import optimizer_groups
 
 STEPS = 4  # batches per epoch
 
@@ -18,10 +19,19 @@ def tiny_model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
 
 
+def optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    return build_optimizer(cfg.optimizer, param_groups(params, cfg.lr, cfg.weight_decay), cfg.lr, cfg.momentum)
+
+
+def scheduler(cfg: TrainConfig, opt):
+    return build_scheduler(cfg.lr_schedule, opt, epochs=cfg.epochs, steps_per_epoch=STEPS, base_lr=cfg.lr,
+                           warmup_epochs=cfg.warmup_epochs, step_size=cfg.step_size, step_gamma=cfg.step_gamma)
+
+
 def lrs_per_batch(cfg: TrainConfig) -> list[list[float]]:
     """lr used by each batch of each epoch, driving the schedule exactly as the trainer does."""
-    opt = build_optimizer(cfg, tiny_model())
-    sched = build_scheduler(cfg, opt, STEPS)
+    opt = optimizer(cfg, tiny_model().parameters())
+    sched = scheduler(cfg, opt)
     epochs = []
     for _ in range(cfg.epochs):
         seen = []
@@ -106,8 +116,8 @@ def test_onecycle_peaks_at_lr_and_survives_extra_batches():
     assert max(flat) == pytest.approx(0.1, rel=1e-3)
     assert flat.index(max(flat)) == round(0.3 * len(flat)) - 1  # pct_start = 0.3
     assert flat[-1] < 1e-4
-    opt = build_optimizer(cfg, tiny_model())
-    sched = build_scheduler(cfg, opt, STEPS)
+    opt = optimizer(cfg, tiny_model().parameters())
+    sched = scheduler(cfg, opt)
     for _ in range(cfg.epochs * STEPS + 5):  # a loader one batch longer than announced must not crash
         opt.step()
         sched.step_batch()
@@ -118,8 +128,8 @@ def test_state_dict_round_trip(schedule):
     cfg = TrainConfig(lr=0.05, epochs=5, lr_schedule=schedule, step_size=1, warmup_epochs=1)
 
     def fresh():
-        opt = build_optimizer(cfg, tiny_model())
-        return opt, build_scheduler(cfg, opt, STEPS)
+        opt = optimizer(cfg, tiny_model().parameters())
+        return opt, scheduler(cfg, opt)
 
     def run(opt, sched, epochs):
         out = []
@@ -144,7 +154,7 @@ def test_state_dict_round_trip(schedule):
 
 def test_optimizers_and_decay_groups():
     model = tiny_model()
-    sgd = build_optimizer(TrainConfig(optimizer="sgd", lr=0.1, momentum=0.8, weight_decay=1e-3), model)
+    sgd = optimizer(TrainConfig(optimizer="sgd", lr=0.1, momentum=0.8, weight_decay=1e-3), model.parameters())
     assert isinstance(sgd, torch.optim.SGD)
     decay, no_decay = sgd.param_groups
     assert decay["weight_decay"] == 1e-3 and no_decay["weight_decay"] == 0.0
@@ -152,33 +162,28 @@ def test_optimizers_and_decay_groups():
     # conv + linear weights decay; conv/linear biases and the batch-norm scale and shift do not
     assert [tuple(p.shape) for p in decay["params"]] == [(4, 3, 3, 3), (2, 4)]
     assert len(no_decay["params"]) == 4
-    adamw = build_optimizer(TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=0.05), model.parameters())
+    adamw = optimizer(TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=0.05), model.parameters())
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.05
-    bad = TrainConfig()
-    bad.optimizer = "adam"
     with pytest.raises(ConfigError, match="sgd, adamw"):
-        build_optimizer(bad, model)
+        build_optimizer("adam", param_groups(model.parameters(), 0.1, 0.0), 0.1)
 
 
-class TinyNet(nn.Module):
-    """A trunk and an `fc` head, as torchvision's ResNet names them."""
+def small_resnet():
+    from research.models import build_model
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten())
-        self.fc = nn.Linear(4, 2)
+    return build_model("resnet18", num_classes=2)
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle", "step", "1e-2:2,1e-3"])
 def test_head_lr_scale_holds_through_every_schedule(schedule):
-    model = TinyNet()
+    model = small_resnet()
     cfg = TrainConfig(optimizer="sgd", lr=0.1, head_lr_scale=0.05, lr_schedule=schedule, epochs=4, warmup_epochs=1,
                       step_size=1)
-    opt = build_optimizer(cfg, model)
-    head = {id(p) for p in model.fc.parameters()}
+    opt = build_optimizer(cfg.optimizer, optimizer_groups(cfg, model, model), cfg.lr, cfg.momentum)
+    head = {id(p) for p in model.head.parameters()}
     by_head = {all(id(p) in head for p in g["params"]) for g in opt.param_groups}
     assert by_head == {True, False} and len(opt.param_groups) == 4  # trunk and head, each decayed / not decayed
-    sched = build_scheduler(cfg, opt, STEPS)
+    sched = scheduler(cfg, opt)
     for _ in range(cfg.epochs):
         for _ in range(STEPS):
             for g in opt.param_groups:
@@ -189,11 +194,30 @@ def test_head_lr_scale_holds_through_every_schedule(schedule):
         sched.step_epoch()
 
 
-def test_head_lr_scale_needs_a_head():
-    with pytest.raises(ConfigError, match="head"):
-        build_optimizer(TrainConfig(head_lr_scale=0.5), tiny_model())
+def test_head_lr_scale_must_be_positive():
     with pytest.raises(ConfigError, match="head_lr_scale"):
         TrainConfig(head_lr_scale=0.0).validate()
+
+
+def test_layer_decay_uses_timm_groups_and_stacks_with_the_head_scale():
+    """timm's layer-wise decay: the stem trains slowest, the trunk's top layer at the base lr, the head at head_lr_scale."""
+    from research.models import build_model
+
+    model = build_model("efficientnet_lite0", num_classes=3)
+    cfg = TrainConfig(model="efficientnet_lite0", lr=1e-3, layer_decay=0.7, head_lr_scale=10.0)
+    opt = build_optimizer("adamw", optimizer_groups(cfg, model, model), cfg.lr)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    stem, top = model.trunk.conv_stem.weight, model.trunk.conv_head.weight
+    blocks = [model.trunk.blocks[i][0].conv_dw.weight for i in range(len(model.trunk.blocks))]
+    assert lr_of[id(top)] == pytest.approx(1e-3)
+    assert lr_of[id(model.head.weight)] == pytest.approx(1e-2)
+    assert lr_of[id(stem)] < min(lr_of[id(b)] for b in blocks)
+    assert [lr_of[id(b)] for b in blocks] == sorted(lr_of[id(b)] for b in blocks)  # deeper blocks train faster
+    with pytest.raises(ConfigError, match="layer_decay"):
+        TrainConfig(layer_decay=1.5).validate()
+    resnet = small_resnet()
+    with pytest.raises(ConfigError, match="timm trunk"):
+        optimizer_groups(TrainConfig(model="resnet18", layer_decay=0.7), resnet, resnet)
 
 
 @pytest.mark.parametrize(("size", "factor"), [(32, 1 / 49), (64, 4 / 49), (224, None)])
@@ -203,7 +227,8 @@ def test_vgg16_v2_first_head_layer_lr_follows_the_pool_copies(size, factor):
 
     with torch.device("meta"):  # only the parameter shapes matter here
         model = build_model("vgg16_v2", num_classes=3)
-    opt = build_optimizer(TrainConfig(model="vgg16_v2", lr=0.1, image_size=size), model)
+    cfg = TrainConfig(model="vgg16_v2", lr=0.1, image_size=size)
+    opt = build_optimizer(cfg.optimizer, optimizer_groups(cfg, model, model), cfg.lr)
     first = model.classifier[0].weight
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     assert lr_of[id(model.features[0].weight)] == pytest.approx(0.1)
@@ -214,6 +239,8 @@ def test_vgg16_v2_first_head_layer_lr_follows_the_pool_copies(size, factor):
 
 def test_base_lr_group_comes_first_when_the_head_runs_faster():
     """The trainer logs param_groups[0]'s lr: it must be the base lr, also with head_lr_scale > 1."""
-    opt = build_optimizer(TrainConfig(lr=0.01, head_lr_scale=10.0), TinyNet())
+    model = small_resnet()
+    cfg = TrainConfig(lr=0.01, head_lr_scale=10.0)
+    opt = build_optimizer(cfg.optimizer, optimizer_groups(cfg, model, model), cfg.lr)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.01, 0.1, 0.1])
     assert [g["weight_decay"] > 0 for g in opt.param_groups] == [True, False, True, False]

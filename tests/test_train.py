@@ -57,7 +57,7 @@ def test_two_epoch_run_logs_params_metrics_artifacts(tiny_version, mlflow_store,
     torch_model.train()  # pickle format: a plain nn.Module that can be fine-tuned
     torch_model(torch.rand(2, 3, 32, 32)).sum().backward()
     assert all(p.grad is not None for p in torch_model.parameters() if p.requires_grad)
-    assert torch_model.fc.out_features == len(__import__("json").loads(
+    assert torch_model.head.out_features == len(__import__("json").loads(
         (tiny_version / "version.json").read_text())["classes"])
 
 
@@ -108,3 +108,101 @@ def test_missing_version_names_the_split_command(mlflow_store, tmp_path):
 def test_batch_larger_than_train_set(tiny_version, mlflow_store, tmp_path):
     with pytest.raises(ConfigError, match="batch_size=100000"):
         train(tiny_cfg(tiny_version, tmp_path, batch_size=100000))
+
+
+# ------------------------------------------------------------------------- transfer learning
+
+def lite_cfg(version_dir, tmp_path, **changes) -> TrainConfig:
+    """ImageNet EfficientNet-Lite0 (weights from the installed package) at 32 px, a few epochs."""
+    return tiny_cfg(version_dir, tmp_path, **{"model": "efficientnet_lite0", "pretrained": True, "optimizer": "adamw",
+                                             "lr": 3e-3, "loss": "ce", "sampler": "shuffle", "epochs": 3, **changes})
+
+
+def test_features_loader_trains_the_head_on_stored_embeddings(tiny_version, mlflow_store, tmp_path, monkeypatch):
+    """loader=features: the trunk is embedded once, only the head trains, the logged model is whole
+    and gives on images what the head gave on the features."""
+    import json
+
+    import torch
+
+    from research.data.cache import split_items
+    from research.data.versions import load_version
+    from research.serving import classifier_from_torch_dir
+
+    monkeypatch.chdir(tmp_path)  # data/cache/ under the test's folder
+    first = train(lite_cfg(tiny_version, tmp_path, loader="features", feature_views=1, batch_size=16))
+    stored = sorted(p for p in (tmp_path / "data/cache/features").iterdir() if p.is_dir())
+    assert len(stored) == 1 and json.loads((stored[0] / "key.json").read_text())["views"] == 1
+    again = train(lite_cfg(tiny_version, tmp_path, loader="features", feature_views=1, batch_size=16, lr=1e-3))
+    assert sorted(p for p in (tmp_path / "data/cache/features").iterdir() if p.is_dir()) == stored  # embedded once
+    client = mlflow.MlflowClient()
+    params = client.get_run(first.run_id).data.params
+    assert params["loader"] == "features" and params["freeze_epochs"] == "3" and params["image_size"] == "32"
+    assert params["preprocess.mean"] == "[0.5, 0.5, 0.5]" and params["preprocess.interpolation"] == "bicubic"
+    assert again.test["test_f1_macro"] >= 0.0
+    # the whole model, as served: its test predictions reproduce the run's test accuracy
+    local = mlflow.artifacts.download_artifacts(f"runs:/{first.run_id}/model", dst_path=str(tmp_path / "m"))
+    clf = classifier_from_torch_dir(local)
+    assert clf.meta["mean"] == [0.5, 0.5, 0.5] and clf.meta["interpolation"] == "bicubic"
+    paths, labels = split_items(load_version(str(tiny_version)), "test")
+    frame = __import__("pandas").DataFrame({"image": [p.read_bytes() for p in paths]})
+    predicted = clf.predict_frame(frame)["label"].tolist()
+    accuracy = sum(p == clf.classes[y] for p, y in zip(predicted, labels)) / len(labels)
+    assert accuracy == pytest.approx(first.test["test_accuracy"], abs=1.5 / len(labels))
+    assert isinstance(mlflow.pytorch.load_model(f"runs:/{first.run_id}/model").trunk, torch.nn.Module)
+
+
+def test_freeze_epochs_hold_the_trunk_and_its_batch_norm_then_release_it(tiny_version, mlflow_store, tmp_path):
+    import torch
+
+    from research import models
+
+    reference = models.build_model("efficientnet_lite0", 4, pretrained=True).trunk.state_dict()
+    seen = {}
+
+    def snapshot(epoch, row):
+        import gc
+
+        for obj in gc.get_objects():  # the live model of this run
+            if isinstance(obj, models.TrunkHead) and obj.trunk.bn1.running_mean.shape == reference["bn1.running_mean"].shape:
+                seen[epoch] = {k: v.clone() for k, v in obj.trunk.state_dict().items()}
+
+    train(lite_cfg(tiny_version, tmp_path, epochs=2, freeze_epochs=1, layer_decay=0.8, head_lr_scale=5.0),
+          on_epoch=snapshot)
+    frozen, released = seen[1], seen[2]
+    for key in ("conv_stem.weight", "bn1.running_mean", "bn1.running_var", "blocks.3.0.bn1.running_mean"):
+        assert torch.equal(frozen[key], reference[key]), key  # epoch 1: weights and statistics untouched
+    assert not torch.equal(released["conv_stem.weight"], reference["conv_stem.weight"])
+    assert not torch.equal(released["bn1.running_mean"], reference["bn1.running_mean"])
+
+
+def test_ema_weights_are_the_ones_evaluated_and_logged(tiny_version, mlflow_store, tmp_path):
+    result = train(lite_cfg(tiny_version, tmp_path, epochs=2, ema_decay=0.9, loader="features"))
+    run = mlflow.MlflowClient().get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["ema_decay"] == "0.9"
+
+
+def test_a_checkpoint_is_data_not_code(tiny_version, mlflow_store, tmp_path):
+    """resume loads with weights_only: a pickle that runs code is refused, and so is a truncated file."""
+    import pickle
+
+    import torch
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    ckdir = tmp_path / "ckpt" / "0123abcd"
+    ckdir.mkdir(parents=True)
+    (ckdir / "last.pt").write_bytes(pickle.dumps({"config": Evil()}))
+    with pytest.raises(ConfigError, match="not a readable checkpoint"):
+        resume(str(ckdir / "last.pt"))
+    assert not marker.exists()
+    torch.save({"a": torch.zeros(3)}, ckdir / "last.pt")
+    (ckdir / "last.pt").write_bytes((ckdir / "last.pt").read_bytes()[:40])
+    with pytest.raises(ConfigError, match="truncated"):
+        resume(str(ckdir / "last.pt"))
+    with pytest.raises(ConfigError, match="empty value"):
+        resume("")

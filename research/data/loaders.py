@@ -1,7 +1,8 @@
 """Training and evaluation batches for the trainer: the cached path (default) and the folder path.
 
 `build_loaders(version, cfg, device)` returns `Loaders`; both paths give the same interface,
-the same index order (`cache.split_items`), the same decode rule (`cache.load_rgb`) and the
+the same index order (`cache.split_items`), the same decode rule (`cache.load_rgb`, with the
+model's interpolation), the same normalisation (the model's mean/std) and the
 same epoch index sequence (`samplers.epoch_indices` with a generator seeded from
 (cfg.seed, epoch) alone, so a resumed run sees the batches an uninterrupted one would).
 
@@ -35,9 +36,8 @@ import torch.nn.functional as F
 
 from research.config import AugmentConfig, ConfigError, TrainConfig
 from research.data import cache as cache_mod
+from research.data.image import IMAGENET_MEAN, IMAGENET_STD, SPLITS
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect ratio range
 PREFETCH = 3  # batches ready ahead of the model
@@ -91,13 +91,13 @@ def resolve_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 class Normalize:
-    """uint8 or 0..255 float [B,3,H,W] -> ImageNet-normalised float32 in one addcmul pass."""
+    """uint8 or 0..255 float [B,3,H,W] -> (x / 255 - mean) / std in float32, in one addcmul pass."""
 
-    def __init__(self, device: torch.device) -> None:
-        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.scale = 1.0 / (255.0 * std)
-        self.shift = -mean / std
+    def __init__(self, device: torch.device, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
+        std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = -mean_t / std_t
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self.shift, x, self.scale)
@@ -125,10 +125,11 @@ class BatchAugment:
     fused normalisation.
     """
 
-    def __init__(self, aug: AugmentConfig, size: int, device: torch.device) -> None:
+    def __init__(self, aug: AugmentConfig, size: int, device: torch.device, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD) -> None:
         self.aug = aug
         self.size = size
-        self.normalize = Normalize(device)
+        self.normalize = Normalize(device, mean, std)
 
     def params(self, n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
         a, s = self.aug, self.size
@@ -325,9 +326,10 @@ class CachedTrainStream:
 class CachedEvalBatches:
     """Re-iterable, in cache order, no augmentation."""
 
-    def __init__(self, batches: CachedBatches, n: int, batch_size: int, device: torch.device) -> None:
+    def __init__(self, batches: CachedBatches, n: int, batch_size: int, device: torch.device, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD) -> None:
         self.batches, self.n, self.batch_size = batches, n, batch_size
-        self.normalize = Normalize(device)
+        self.normalize = Normalize(device, mean, std)
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.batch_size)
@@ -340,21 +342,22 @@ class CachedEvalBatches:
         return prefetch(torch.arange(self.n).split(self.batch_size), self._make)
 
 
-def build_cached(version, cfg: TrainConfig, device: torch.device, cache_root, progress: bool = True) -> Loaders:
-    cache = cache_mod.ensure_cache(version, cfg.image_size, cache_root, progress=progress)
+def build_cached(version, cfg: TrainConfig, device: torch.device, cache_root, prep, progress: bool = True) -> Loaders:
+    cache = cache_mod.ensure_cache(version, prep.image_size, cache_root, progress=progress,
+                                   interpolation=prep.interpolation)
     cl = resolve_channels_last(cfg, device)
-    split = {s: CachedBatches(cache.arrays[s], cache.labels[s], device, cl) for s in cache_mod.SPLITS}
+    split = {s: CachedBatches(cache.arrays[s], cache.labels[s], device, cl) for s in SPLITS}
     mix = BatchMix(cfg.augment, len(version.classes))
     train = CachedTrainStream(split["train"], cache.labels["train"], cfg,
-                              BatchAugment(cfg.augment, cfg.image_size, device), mix)
-    val = CachedEvalBatches(split["val"], len(cache.labels["val"]), cfg.batch_size, device)
-    test = CachedEvalBatches(split["test"], len(cache.labels["test"]), cfg.batch_size, device)
+                              BatchAugment(cfg.augment, prep.image_size, device, prep.mean, prep.std), mix)
+    val = CachedEvalBatches(split["val"], len(cache.labels["val"]), cfg.batch_size, device, prep.mean, prep.std)
+    test = CachedEvalBatches(split["test"], len(cache.labels["test"]), cfg.batch_size, device, prep.mean, prep.std)
     return Loaders(train, val, test, list(version.classes), cache.labels["train"])
 
 
 # ---------------------------------------------------------------------------------- folder path
 
-def folder_transforms(aug: AugmentConfig | None, size: int):
+def folder_transforms(aug: AugmentConfig | None, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Per-image torchvision.transforms.v2 after `cache.load_rgb`; None aug = evaluation."""
     from torchvision.transforms import v2
 
@@ -369,11 +372,11 @@ def folder_transforms(aug: AugmentConfig | None, size: int):
             ops.append(v2.ColorJitter(brightness=cj, contrast=cj, saturation=cj))
         if aug.grayscale > 0:
             ops.append(v2.RandomGrayscale(aug.grayscale))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose(ops)
 
 
-def folder_dataset(version, split: str, size: int, transform):
+def folder_dataset(version, split: str, size: int, transform, interpolation: str = "bicubic"):
     """ImageFolder over `<version dir>/<split>` with version.classes as the class order.
 
     Samples are put in `cache.split_items` order and checked against the manifest, so index i
@@ -394,7 +397,7 @@ def folder_dataset(version, split: str, size: int, transform):
             raise ConfigError(f"{root} is missing but the manifest lists {len(paths)} {split} images; "
                               "rebuild the version with `python -m research split ...`.")
         root.mkdir(parents=True, exist_ok=True)  # never happens for a built version; keeps ImageFolder quiet
-    ds = VersionFolder(str(root), loader=partial(cache_mod.load_rgb, size=size), transform=transform, allow_empty=True)
+    ds = VersionFolder(str(root), loader=partial(cache_mod.load_rgb, size=size, interpolation=interpolation), transform=transform, allow_empty=True)
     order = {str(p): i for i, p in enumerate(paths)}
     missing = [p for p, _ in ds.samples if p not in order]
     if missing or len(ds.samples) != len(paths):
@@ -491,14 +494,18 @@ class FolderEvalBatches:
                    y.to(self.device, non_blocking=True))
 
 
-def build_folder(version, cfg: TrainConfig, device: torch.device) -> Loaders:
-    size = cfg.image_size
-    train_ds = folder_dataset(version, "train", size, folder_transforms(cfg.augment, size))
+def build_folder(version, cfg: TrainConfig, device: torch.device, prep) -> Loaders:
+    size, interp = prep.image_size, prep.interpolation
+
+    def dataset(split: str, aug: AugmentConfig | None):
+        return folder_dataset(version, split, size, folder_transforms(aug, size, prep.mean, prep.std), interp)
+
+    train_ds = dataset("train", cfg.augment)
     labels = np.asarray(train_ds.targets, dtype=np.int64)
     mix = BatchMix(cfg.augment, len(version.classes))
     train = FolderTrainStream(train_ds, labels, cfg, device, mix)
-    val = FolderEvalBatches(folder_dataset(version, "val", size, folder_transforms(None, size)), cfg, device)
-    test = FolderEvalBatches(folder_dataset(version, "test", size, folder_transforms(None, size)), cfg, device)
+    val = FolderEvalBatches(dataset("val", None), cfg, device)
+    test = FolderEvalBatches(dataset("test", None), cfg, device)
     return Loaders(train, val, test, list(version.classes), labels)
 
 
@@ -507,15 +514,23 @@ def build_folder(version, cfg: TrainConfig, device: torch.device) -> Loaders:
 TrainStream = CachedTrainStream | FolderTrainStream
 
 
-def build_loaders(version, cfg: TrainConfig, device: torch.device, cache_root="data/cache") -> Loaders:
-    """Loaders for `version` (a Version, or a name / directory for load_version) under cfg.loader."""
+def build_loaders(version, cfg: TrainConfig, device: torch.device, cache_root="data/cache", prep=None) -> Loaders:
+    """Loaders for `version` (a Version, or a name / directory for load_version) under cfg.loader.
+
+    `prep` (research.models.Preprocessing) is the model's; None: cfg.image_size, ImageNet mean/std, bicubic.
+    """
+    if prep is None:
+        from research.models import Preprocessing
+
+        prep = Preprocessing(cfg.image_size or 224, IMAGENET_MEAN, IMAGENET_STD, "bicubic")
     if isinstance(version, (str, Path)):
         from research.data.versions import load_version
 
         version = load_version(version, cfg.data_root)
     device = torch.device(device)
     if cfg.loader == "cached":
-        return build_cached(version, cfg, device, cache_root)
+        return build_cached(version, cfg, device, cache_root, prep)
     if cfg.loader == "folder":
-        return build_folder(version, cfg, device)
-    raise ConfigError(f"loader={cfg.loader!r} is not valid. Choose cached or folder.")
+        return build_folder(version, cfg, device, prep)
+    raise ConfigError(f"loader={cfg.loader!r}: build_loaders makes image batches (cached or folder); "
+                      "loader=features is research.features.build_feature_loaders.")
