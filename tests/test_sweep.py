@@ -12,7 +12,8 @@ import pytest
 
 from research import config as config_mod
 from research.config import ConfigError
-from research.sweep import SweepSpec, load_spec, sweep
+from research import registry
+from research.sweep import SweepSpec, load_spec, make_storage, promote_command, sweep
 
 SWEEPS = sorted((Path(__file__).resolve().parent.parent / "sweeps").glob("*.yaml"))
 
@@ -57,7 +58,7 @@ def test_study_nests_trials_and_resumes(tiny_version, mlflow_store, tmp_path):
     first = {"lr": 0.05, "sampler": "weighted"}
     spec = tiny_spec(tiny_version, tmp_path, enqueue=[first])
     summary = sweep(spec, storage)
-    study = optuna.load_study(study_name="tiny", storage=__import__("research.sweep", fromlist=["x"]).make_storage(storage))
+    study = optuna.load_study(study_name="tiny", storage=make_storage(storage))
     trials = study.get_trials()
     assert len(trials) == 4
     assert trials[0].params == first  # the enqueued config runs first
@@ -108,4 +109,13 @@ def test_cli_runs_a_spec(tiny_version, mlflow_store, tmp_path):
     out = subprocess.run([sys.executable, "-m", "research", "sweep", str(spec_file), "--storage",
                           f"journal:{tmp_path / 'cli.journal'}"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "research promote --study cli --model-filter resnet18" in out.stdout  # promote defaults to vgg16_v2
+    assert f"{promote_command('cli', 'resnet18')}\n" in out.stdout
+
+
+@pytest.mark.parametrize("default", ["vgg16_v2", "resnet18", None])
+def test_promote_command_names_the_model_only_when_promote_would_skip_it(default, monkeypatch):
+    monkeypatch.setattr(registry, "DEFAULT_FILTER", default)
+    expected = "python -m research promote --study s"
+    if default == "vgg16_v2":  # promote's default filter would pass over a resnet18 champion
+        expected += " --model-filter resnet18"
+    assert promote_command("s", "resnet18") == expected

@@ -1,0 +1,154 @@
+"""The study spec (`sweeps/*.yaml`): what to search, over which TrainConfig, for how many trials.
+
+Validation builds the base TrainConfig and one probe config per searched key, so a spec with a typo or a
+value the trainer refuses fails when it is loaded, not hours into a study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from research import config as config_mod
+from research.config import ConfigError, TrainConfig
+
+
+@dataclasses.dataclass
+class ParamSpec:
+    type: str  # float | int | categorical
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    def validate(self) -> None:
+        if self.type not in ("float", "int", "categorical"):
+            raise ConfigError(f"search space type={self.type!r}: use float, int or categorical.")
+        if self.type == "categorical":
+            if not self.choices:
+                raise ConfigError("a categorical parameter needs a non-empty `choices` list.")
+            return
+        if self.low is None or self.high is None or self.low > self.high:
+            raise ConfigError(f"{self.type} parameter needs low <= high (got low={self.low}, high={self.high}).")
+        if self.log and self.low <= 0:
+            raise ConfigError(f"log-scale parameter needs low > 0 (got {self.low}).")
+
+    def probe(self) -> Any:
+        """One value of the distribution, to check that the trainer accepts the key."""
+        if self.type == "categorical":
+            return self.choices[0]
+        return self.low if self.type == "float" else int(self.low)
+
+
+@dataclasses.dataclass
+class ObjectiveSpec:
+    metric: str = "val_f1_macro"
+    direction: str = "maximize"
+
+    def validate(self) -> None:
+        if self.direction not in ("maximize", "minimize"):
+            raise ConfigError(f"objective.direction={self.direction!r}: use maximize or minimize.")
+
+
+@dataclasses.dataclass
+class SamplerSpec:
+    name: str = "tpe"  # tpe | random
+    seed: int | None = 0
+    n_startup_trials: int = 5
+
+    def validate(self) -> None:
+        if self.name not in ("tpe", "random"):
+            raise ConfigError(f"sampler.name={self.name!r}: use tpe or random.")
+
+
+@dataclasses.dataclass
+class PrunerSpec:
+    name: str = "median"  # median | hyperband | none
+    n_startup_trials: int = 2  # median
+    n_warmup_steps: int = 1  # median: epochs before pruning
+    min_resource: int = 1  # hyperband
+    reduction_factor: int = 3  # hyperband
+
+    def validate(self) -> None:
+        if self.name not in ("median", "hyperband", "none"):
+            raise ConfigError(f"pruner.name={self.name!r}: use median, hyperband or none.")
+
+
+@dataclasses.dataclass
+class SweepSpec:
+    base: dict[str, Any]  # TrainConfig keys
+    # TrainConfig key (dotted for nested: augment.mixup) -> distribution; {} = one fixed config
+    space: dict[str, ParamSpec]
+    study_name: str | None = None
+    experiment: str | None = None  # default: sweep-<study_name>
+    n_trials: int = 10
+    timeout: float | None = None  # seconds, per worker
+    objective: ObjectiveSpec = dataclasses.field(default_factory=ObjectiveSpec)
+    sampler: SamplerSpec = dataclasses.field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = dataclasses.field(default_factory=PrunerSpec)
+    heartbeat_interval: float = 10.0
+    heartbeat_grace: float = 60.0
+    description: str = ""
+    # trials to run first, e.g. a known good config: {param: value} for some or all of `space`'s keys
+    # (the rest are sampled). Enqueued once, when the study is new (optuna's enqueue_trial).
+    enqueue: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def validate(self) -> None:
+        if not self.space and self.n_trials != 1:
+            raise ConfigError(f"The sweep spec's `space` is empty but n_trials={self.n_trials}: a spec without a space "
+                              "is one fixed config (a baseline), so set n_trials: 1, or add a parameter to search, "
+                              "e.g. space: {lr: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}}.")
+        self.space = {k: v if isinstance(v, ParamSpec) else config_mod.from_dict(ParamSpec, v, f"space.{k}.")
+                      for k, v in self.space.items()}
+        base = base_config(self)
+        for key, param in self.space.items():
+            try:
+                config_mod.replace(base, **nest({key: param.probe()}))
+            except ConfigError as exc:
+                raise ConfigError(f"space.{key}: {exc}") from exc
+        for i, params in enumerate(self.enqueue):
+            unknown = sorted(set(params) - set(self.space))
+            if unknown:
+                raise ConfigError(f"enqueue[{i}]: {', '.join(unknown)} not in the search space; enqueue only sets "
+                                  f"searched parameters ({', '.join(self.space) or 'none'}).")
+        if self.n_trials <= 0:
+            raise ConfigError(f"n_trials={self.n_trials} must be > 0.")
+        if self.heartbeat_grace <= self.heartbeat_interval:
+            raise ConfigError("heartbeat_grace must be larger than heartbeat_interval (e.g. 60 and 10).")
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or f"sweep-{self.study_name}"
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """`{"augment.mixup": 0.2}` -> `{"augment": {"mixup": 0.2}}`, the shape config_mod.replace takes."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def base_config(spec: SweepSpec) -> TrainConfig:
+    try:
+        return config_mod.from_dict(TrainConfig, spec.base, prefix="base.")
+    except ConfigError as exc:
+        raise ConfigError(f"sweep spec base: {exc}") from exc
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
+    """A spec from YAML (study name: the file's stem unless set), or from the resolved JSON a launcher writes."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return config_mod.from_dict(SweepSpec, config_mod.merge(json.loads(path.read_text()), overrides or {}))
+    spec = config_mod.load(SweepSpec, path, overrides)
+    if spec.study_name is None:
+        spec.study_name = path.stem
+    return spec

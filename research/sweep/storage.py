@@ -1,0 +1,174 @@
+"""Where a study lives and how workers share it: storages, the trial-slot lock, heartbeats, stale trials.
+
+Storage: a journal file `mlruns/optuna.journal` by default (many processes on one machine); any Optuna
+storage URL (`postgresql://...`, `sqlite:///...`) to share a study across machines. Running the same
+study name again resumes it.
+
+Killed workers: each running trial writes a heartbeat (a trial user attribute) every `heartbeat_interval`
+s. A trial whose heartbeat is older than `heartbeat_grace` s is marked FAIL by whichever worker notices,
+its MLflow run is set KILLED, and it is retried once through Optuna's `RetryHeartbeatStaleTrialCallback`
+(a WAITING copy with the same params). This works on every storage, the journal file included (Optuna's
+own heartbeat exists only for RDB storage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import sqlalchemy
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+from rich.console import Console
+
+from research import tracking
+from research.config import ConfigError, TrainConfig
+from research.sweep.spec import SweepSpec
+
+console = Console()
+
+
+def default_storage_url() -> str:
+    return f"journal:{tracking.home() / 'optuna.journal'}"
+
+
+def make_storage(url: str | None) -> JournalStorage | RDBStorage:
+    url = url or default_storage_url()
+    if url.endswith(".journal") and "://" not in url and not url.startswith("journal:"):
+        url = f"journal:{url}"
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith(("postgresql", "sqlite", "mysql")):
+        return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    raise ConfigError(f"storage {url!r}: use journal:PATH, a *.journal path, postgresql://..., or sqlite:///...")
+
+
+@contextlib.contextmanager
+def slot_lock(url: str | None, key: str = ""):
+    """Serialise 'count trials, then ask' across processes, so the study never overshoots n_trials.
+
+    A file lock for journal/sqlite storage, a PostgreSQL advisory lock (one per study name `key`) for
+    PostgreSQL; another RDB gets no cross-process lock (at most workers-1 extra trials).
+    """
+    url = url or default_storage_url()
+    if url.startswith("postgresql"):
+        with _advisory_lock(url, key):
+            yield
+        return
+    if url.startswith("journal:") or url.endswith(".journal"):
+        path = Path(url.removeprefix("journal:"))
+    elif url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+    else:
+        yield
+        return
+    # not "<journal>.lock": that is the name of Optuna's own journal lock (a symlink); a regular file
+    # there blocks every journal write for its 30 s grace period, then Optuna deletes it under us
+    with open(path.with_name(path.name + ".slots.lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _advisory_lock(url: str, key: str):
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            # one lock per study name, so unrelated studies in one database don't wait on each other
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(727274, hashtext(:k))"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(727274, hashtext(:k))"), {"k": key})
+    finally:
+        engine.dispose()
+
+
+def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
+    if spec.sampler.name == "random":
+        return optuna.samplers.RandomSampler(seed=spec.sampler.seed)
+    return optuna.samplers.TPESampler(seed=spec.sampler.seed, n_startup_trials=spec.sampler.n_startup_trials)
+
+
+def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
+    p = spec.pruner
+    if p.name == "none":
+        return optuna.pruners.NopPruner()
+    if p.name == "hyperband":
+        epochs = int(spec.base.get("epochs", TrainConfig().epochs))
+        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=epochs,
+                                              reduction_factor=p.reduction_factor)
+    return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+
+
+def open_study(spec: SweepSpec, storage_url: str | None) -> optuna.Study:
+    """The spec's study, created on first use and loaded (resumed) after that."""
+    return optuna.create_study(
+        study_name=spec.study_name, storage=make_storage(storage_url), direction=spec.objective.direction,
+        sampler=make_sampler(spec), pruner=make_pruner(spec), load_if_exists=True,
+    )
+
+
+class Heartbeat:
+    """Writes `heartbeat` on the trial every `interval` s from a daemon thread."""
+
+    def __init__(self, trial: optuna.Trial, interval: float):
+        self.trial, self.interval = trial, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.beat()
+
+    def beat(self) -> None:
+        with contextlib.suppress(Exception):  # a finished trial no longer takes attrs
+            self.trial.set_user_attr("heartbeat", time.time())
+
+    def __enter__(self):
+        # the first beat here, not in the thread: the trial's cached attrs then never gain a key while the
+        # worker's thread reads them
+        self.beat()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+def fail_stale_trials(study: optuna.Study, grace: float) -> list[int]:
+    """Mark RUNNING trials with an old heartbeat FAIL, close their MLflow runs, enqueue one retry."""
+    now, failed = time.time(), []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        # a retried trial inherits its parent's old heartbeat attr: its own start counts too
+        started = t.datetime_start.timestamp() if t.datetime_start else now
+        beat = max(t.user_attrs.get("heartbeat") or 0.0, started)
+        if now - beat <= grace:
+            continue
+        try:
+            dead = study.tell(t.number, state=TrialState.FAIL)
+        except (UpdateFinishedTrialError, ValueError):  # it finished (or was failed) meanwhile
+            continue
+        failed.append(t.number)
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if run_id:
+            with contextlib.suppress(Exception):
+                client = mlflow.MlflowClient()
+                client.set_tag(run_id, "optuna_state", "FAIL")
+                client.set_terminated(run_id, "KILLED")
+        RetryHeartbeatStaleTrialCallback(max_retry=1)(study, dead)
+        console.print(f"[yellow]trial {t.number}: no heartbeat for {now - beat:.0f}s; marked FAIL and queued a retry")
+    return failed

@@ -1,0 +1,226 @@
+"""Running a study: the parent MLflow run, the objective (one `research.train.train` per trial), workers.
+
+Exactly `n_trials` finished trials: a worker takes a trial slot under `slot_lock`, counting finished and
+running trials, so concurrent workers never overshoot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import mlflow
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+
+from research import config as config_mod
+from research import tracking
+from research.config import ConfigError, TrainConfig
+from research.sweep.spec import ParamSpec, SweepSpec, base_config, nest
+from research.sweep.storage import Heartbeat, default_storage_url, fail_stale_trials, open_study, slot_lock
+from research.sweep.summary import summarize
+from research.train import train
+
+console = Console()
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+MAX_FAILS_IN_A_ROW = 3  # a worker whose trials keep crashing stops instead of burning the study
+
+
+def parent_run_id(study: optuna.Study, spec: SweepSpec, spec_path: str | None) -> str:
+    """The study's MLflow parent run, created once and remembered in the study's user attrs."""
+    existing = study.user_attrs.get("mlflow_parent_run_id")
+    if existing:
+        return existing
+    experiment_id = tracking.experiment_id(spec.experiment_name)
+    client = mlflow.MlflowClient()
+    run = client.create_run(
+        experiment_id, run_name=f"study {spec.study_name}",
+        tags={"optuna_study": spec.study_name, "optuna_role": "parent", **tracking.run_tags()},
+    )
+    rid = run.info.run_id
+    client.log_param(rid, "study_name", spec.study_name)
+    client.log_param(rid, "objective", f"{spec.objective.direction} {spec.objective.metric}")
+    client.log_param(rid, "sampler", spec.sampler.name)
+    client.log_param(rid, "pruner", spec.pruner.name)
+    client.log_param(rid, "n_trials", spec.n_trials)
+    client.log_dict(rid, config_mod.to_dict(spec), "sweep_spec.json")
+    if spec_path:
+        client.log_artifact(rid, str(spec_path))
+    study.set_user_attr("mlflow_parent_run_id", rid)
+    study.set_user_attr("mlflow_experiment_id", experiment_id)
+    return rid
+
+
+def start_study(spec: SweepSpec, storage_url: str | None, spec_path: str | None) -> tuple[optuna.Study, str]:
+    """Open (or create) the study, its parent run and its enqueued trials once, under the slot lock, so
+    workers that start together don't race to create them."""
+    with slot_lock(storage_url, spec.study_name):
+        study = open_study(spec, storage_url)
+        parent = parent_run_id(study, spec, spec_path)
+        if spec.enqueue and not study.get_trials(deepcopy=False):
+            for params in spec.enqueue:
+                study.enqueue_trial(params)
+    return study, parent
+
+
+def count_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
+
+def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
+    values = {}
+    for key, p in space.items():
+        if p.type == "categorical":
+            values[key] = trial.suggest_categorical(key, p.choices)
+        elif p.type == "int":
+            values[key] = trial.suggest_int(key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+        else:
+            values[key] = trial.suggest_float(key, p.low, p.high, log=p.log, step=p.step)
+    return values
+
+
+def next_trial(study: optuna.Study, spec: SweepSpec, storage_url: str | None, poll: float) -> optuna.Trial | None:
+    """Ask for a trial slot, or None when the study has its n_trials. Waits while others may still fail."""
+    while True:
+        with slot_lock(storage_url, spec.study_name):
+            fail_stale_trials(study, spec.heartbeat_grace)
+            trials = study.get_trials(deepcopy=False)
+            finished = sum(t.state in FINISHED_STATES for t in trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            waiting = sum(t.state == TrialState.WAITING for t in trials)
+            if finished >= spec.n_trials:
+                return None
+            if finished + running < spec.n_trials or waiting:
+                return study.ask()
+        # every slot is taken by running trials; one may still die and need a retry
+        time.sleep(poll)
+
+
+def run_worker(spec: SweepSpec, storage_url: str | None, spec_path: str | None = None) -> int:
+    """Run trials until the study has n_trials finished ones (or the timeout). Returns trials run here."""
+    tracking.setup()
+    tracking.check_reachable()  # before the study storage is touched: a dead server leaves nothing behind
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study, parent = start_study(spec, storage_url, spec_path)
+    finished = count_finished(study)
+    if finished:
+        console.print(f"study {spec.study_name}: reusing {finished} finished trial(s) of {spec.n_trials} "
+                      f"({storage_url or default_storage_url()})")
+    base = base_config(spec)
+    deadline = time.time() + spec.timeout if spec.timeout else None
+    done_here, failed_in_a_row = 0, 0
+    while deadline is None or time.time() < deadline:
+        if failed_in_a_row >= MAX_FAILS_IN_A_ROW:
+            console.print(f"[red]{failed_in_a_row} trials in a row failed here; this worker stops "
+                          "(fix the error above, then run the same study again to resume it)")
+            break
+        trial = next_trial(study, spec, storage_url, poll=min(spec.heartbeat_interval, 5.0))
+        if trial is None:
+            break
+        with Heartbeat(trial, spec.heartbeat_interval):
+            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+            state, value = run_trial(study, trial, spec, base, parent)
+        study.tell(trial, value, state=state)
+        done_here += 1
+        failed_in_a_row = failed_in_a_row + 1 if state == TrialState.FAIL else 0
+    return done_here
+
+
+def frozen_trial(study: optuna.Study, number: int) -> FrozenTrial:
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, base: TrainConfig,
+              parent: str) -> tuple[TrialState, float | None]:
+    """Train one trial's config as a child run of `parent`; its state and objective value (None unless COMPLETE)."""
+    metric, maximize = spec.objective.metric, spec.objective.direction == "maximize"
+    params = suggest(trial, spec.space)
+    cfg = config_mod.replace(base, **nest(params), experiment=spec.experiment_name,
+                             run_name=f"{spec.study_name}-trial-{trial.number}")
+
+    def on_start(run_id: str) -> None:
+        trial.set_user_attr("mlflow_run_id", run_id)
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        trial.report(row[metric], epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}: {metric}={row[metric]:.4f}")
+
+    tags = {"optuna_study": spec.study_name, "optuna_trial": str(trial.number)}
+    # a live Trial has no public system attrs; its stored (frozen) copy carries the retry callback's mark
+    retried = frozen_trial(study, trial.number).system_attrs.get("failed_trial")
+    if retried is not None:
+        tags["optuna_retry_of"] = str(retried)
+    try:
+        result = train(cfg, on_epoch=on_epoch, on_start=on_start, parent_run_id=parent, tags=tags)
+    except optuna.TrialPruned as exc:
+        console.print(f"trial {trial.number}: [yellow]{exc}")
+        return TrialState.PRUNED, None
+    except (KeyboardInterrupt, ConfigError):
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    except Exception as exc:  # a crashed trial fails alone; the study goes on
+        console.print(f"[red]trial {trial.number} failed: {type(exc).__name__}: {exc}")
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            mlflow.MlflowClient().set_tag(run_id, "optuna_state", "FAIL")
+        return TrialState.FAIL, None
+    values = [row[metric] for row in result.history]
+    mlflow.MlflowClient().set_tag(result.run_id, "optuna_state", "COMPLETE")
+    trial.set_user_attr("test_f1_macro", result.test.get("test_f1_macro"))
+    return TrialState.COMPLETE, max(values) if maximize else min(values)
+
+
+def sweep(spec: SweepSpec, storage_url: str | None = None, workers: int = 1, spec_path: str | None = None) -> dict:
+    """Run the study with `workers` processes (1 = this process), then summarise it."""
+    t0 = time.time()
+    if workers <= 1:
+        run_worker(spec, storage_url, spec_path)
+    else:
+        launch_workers(spec, storage_url, workers, spec_path)
+    summary = summarize(spec, storage_url, spec_path)
+    summary["wall_seconds"] = time.time() - t0
+    console.print(f"study {spec.study_name} took {summary['wall_seconds']:.0f}s")
+    return summary
+
+
+def launch_workers(spec: SweepSpec, storage_url: str | None, workers: int, spec_path: str | None) -> None:
+    """N worker processes on one study: one GPU each when several are visible, else split the cores."""
+    tracking.setup()
+    tracking.check_reachable()
+    start_study(spec, storage_url, spec_path)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(config_mod.to_dict(spec), fh)
+        resolved = fh.name
+    gpus = torch.cuda.device_count()
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    procs = []
+    for i in range(workers):
+        env = dict(os.environ)
+        if gpus > 1:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        elif gpus == 0:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+        cmd = [sys.executable, "-m", "research", "sweep", resolved, "--worker-only",
+               "--study-name", spec.study_name, "--storage", storage_url or default_storage_url()]
+        procs.append(subprocess.Popen(cmd, env=env))
+    try:
+        for p in procs:
+            p.wait()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        raise
+    finally:
+        os.unlink(resolved)
+    bad = [p.returncode for p in procs if p.returncode]
+    if bad:
+        console.print(f"[yellow]{len(bad)} worker(s) exited with {bad}; their trials are retried or failed")
