@@ -1,9 +1,10 @@
-"""`python -m research report --study NAME`: a study's champion against a baseline, on one page.
+"""`python -m research report --study NAME`: a study's champion against its baselines, on one page.
 
 The sweep's summary says which trial won; this says by how much and where: the champion (the trial
-with the best validation macro F1, `study.best_trial`) beside a baseline run (by default the best
-trial of the `seed_recipe` study, one fixed config), val and test macro F1 and accuracy, F1 per
-class, fANOVA parameter importances, the champion's test confusion matrix, and the trials.
+with the best validation macro F1, `study.best_trial`) beside one or more baseline runs (`--baseline`,
+repeatable: a study's best trial or an MLflow run id; by default the best trial of the `seed_recipe`
+study, one fixed config), val and test macro F1 and accuracy, F1 per class, fANOVA parameter
+importances, the champion's test confusion matrix, and the trials.
 Selection uses the validation split only: the test split is evaluated once per finished trial and
 only reported, so the test numbers stay an honest estimate of the champion.
 
@@ -112,29 +113,56 @@ def trial_facts(client, trial, dst: Path, study_name: str) -> dict[str, Any]:
     return run_facts(client, run_id, dst, trial)
 
 
-def resolve_baseline(ref: str | None, storage, client, dst: Path) -> tuple[dict[str, Any] | None, str]:
-    """(facts, "") for `ref` (a study's best trial, else an MLflow run id), or (None, why) for the default."""
+def baseline_refs(baseline: str | list[str] | None, study_name: str) -> list[str]:
+    """The baselines asked for, in order, without repeats; comparing a study with itself is refused."""
+    refs = [baseline] if isinstance(baseline, str) else list(baseline or [])
+    if study_name in refs:
+        raise ConfigError(f"--baseline {study_name}: that is the study being reported; its champion is already the "
+                          "first column. Pass another study or an MLflow run id.")
+    return list(dict.fromkeys(refs)) or [DEFAULT_BASELINE]
+
+
+def column_label(facts: dict[str, Any]) -> str:
+    """A column's name: the study (or the run id's first 8 chars) and its architecture."""
+    model = facts["_params"].get("model")
+    return facts["name"] + (f" ({model})" if model else "")
+
+
+def resolve_baseline(ref: str, storage, client, dst: Path) -> tuple[dict[str, Any] | None, str]:
+    """(facts, "") for `ref` (a study's best trial, else an MLflow run id), or (None, why) when it is missing."""
     import optuna
     from mlflow.exceptions import MlflowException
 
-    name = ref or DEFAULT_BASELINE
-    if name in optuna.get_all_study_names(storage):
-        study = optuna.load_study(study_name=name, storage=storage)
+    if ref in optuna.get_all_study_names(storage):
+        study = optuna.load_study(study_name=ref, storage=storage)
         if completed(study):
-            return trial_facts(client, study.best_trial, dst, name) | {"source": f"study {name}"}, ""
-        why = f"study {name!r} has no completed trial"
-    elif RUN_ID.match(name):
+            return trial_facts(client, study.best_trial, dst, ref) | {"source": f"study {ref}", "name": ref}, ""
+        why = f"study {ref!r} has no completed trial"
+    elif RUN_ID.match(ref):
         try:
-            return run_facts(client, name, dst) | {"source": f"run {name[:8]}"}, ""
+            return run_facts(client, ref, dst) | {"source": f"run {ref[:8]}", "name": ref[:8]}, ""
         except MlflowException:
-            why = f"{name} is neither a study in this storage nor an MLflow run"
+            why = f"{ref} is neither a study in this storage nor an MLflow run"
     else:
-        why = f"no study {name!r} in this storage, and it is not an MLflow run id"
-    why += (f"; make one with `python -m research sweep sweeps/{name}.yaml` (a fixed config: space: {{}}, "
+        why = f"no study {ref!r} in this storage, and it is not an MLflow run id"
+    why += (f"; make one with `python -m research sweep sweeps/{ref}.yaml` (a fixed config: space: {{}}, "
             "n_trials: 1) or pass --baseline STUDY_OR_RUN_ID")
-    if ref is not None:
-        raise ConfigError(f"--baseline {ref}: {why}")
     return None, why
+
+
+def resolve_baselines(refs: list[str], champ: dict[str, Any], storage, client,
+                      dst: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The baselines found, in the order asked, and a note for each missing one (which never stops the report)."""
+    found, notes = [], []
+    for ref in refs:
+        if ref == champ["run_id"]:
+            raise ConfigError(f"--baseline {ref}: that is the champion's own run; pass another study or run id.")
+        facts, why = resolve_baseline(ref, storage, client, dst)
+        if facts is None:
+            notes.append(f"no baseline {ref}: {why}")
+        else:
+            found.append(facts | {"ref": ref, "label": column_label(facts)})
+    return found, notes
 
 
 def importances(study) -> tuple[dict[str, float], str]:
@@ -193,15 +221,16 @@ def _p(v: Any) -> str:
 
 
 def sections(rep: dict[str, Any], study) -> list[Section]:
-    champ, base = rep["champion"], rep["baseline"]
-    runs = [champ] + ([base] if base else [])
+    champ, bases = rep["champion"], rep["baselines"]
+    runs = [champ, *bases]
     counts = ", ".join(f"{k} {v}" for k, v in rep["counts"].items() if v)
     head = Section(f"Study {rep['study']}", notes=[
         f"storage: {rep['storage']}", f"trials: {counts}", f"wall time: {_fmt_seconds(rep['wall_seconds'])} "
         "(first trial start to last trial end)", f"selection: {SELECTION}",
         f"MLflow parent run: {rep['parent_run_id'] or '-'}"])
 
-    cols = [f"champion (trial {champ['trial']})"] + ([f"baseline ({base['source']})"] if base else [])
+    model = champ["_params"].get("model")
+    cols = [f"champion (trial {champ['trial']}" + (f", {model})" if model else ")"), *[b["label"] for b in bases]]
     rows = [["run id", *[r["run_id"] for r in runs]]]
     for label, key in (("val macro-F1", "val_f1_macro"), ("val accuracy", "val_accuracy"),
                        ("test macro-F1", "test_f1_macro"), ("test accuracy", "test_accuracy")):
@@ -210,13 +239,13 @@ def sections(rep: dict[str, Any], study) -> list[Section]:
     searched = list(champ["params"])
     for key in searched + [k for k in KEY_PARAMS if k not in searched]:
         rows.append([key + (" *" if key in searched else ""), *[_p(r["_params"].get(key)) for r in runs]])
-    compare = Section("Champion vs baseline", ["", *cols], rows, [
+    compare = Section("Champion vs baseline" + ("s" if len(bases) > 1 else ""), ["", *cols], rows, [
         "val numbers are those of the best epoch (the checkpoint kept); * = searched by the study"]
-        + ([f"no baseline: {rep['baseline_note']}"] if not base else []))
+        + rep["baseline_notes"])
 
-    names = sorted(set(champ["per_class"]) | set(base["per_class"] if base else {}))
+    names = sorted(set().union(*(r["per_class"] for r in runs)))
     header = ["class", "test support", "champion val F1", "champion test F1"]
-    header += ["baseline val F1", "baseline test F1"] if base else []
+    header += [f"{b['label']} {split} F1" for b in bases for split in ("val", "test")]
     rows = []
     for name in names:
         row = [name, str(champ["per_class"].get(name, {}).get("support", "-"))]
@@ -321,9 +350,17 @@ def _public(facts: dict[str, Any] | None) -> dict[str, Any] | None:
     return None if facts is None else {k: v for k, v in facts.items() if not k.startswith("_")}
 
 
-def report(study_name: str, baseline: str | None = None, storage_url: str | None = None,
+def _metric_key(name: str) -> str:
+    return re.sub(r"[^\w.\-]", "_", name)
+
+
+def report(study_name: str, baseline: str | list[str] | None = None, storage_url: str | None = None,
            out_dir: str | Path | None = None, log: bool = True) -> dict[str, Any]:
-    """Write report.md/.html/.json (+ the champion's confusion PNG) and log them to the parent run."""
+    """Write report.md/.html/.json (+ the champion's confusion PNG) and log them to the parent run.
+
+    `baseline`: one study name or MLflow run id, or a list of them (one column each, in order); none
+    means `seed_recipe`. A missing baseline becomes a note in the report, not an error.
+    """
     import mlflow
     import optuna
     from optuna.trial import TrialState
@@ -333,6 +370,7 @@ def report(study_name: str, baseline: str | None = None, storage_url: str | None
     tracking.setup()
     tracking.check_reachable()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    refs = baseline_refs(baseline, study_name)
     url = storage_url or default_storage_url()
     storage = make_storage(url)
     names = sorted(optuna.get_all_study_names(storage))
@@ -354,7 +392,10 @@ def report(study_name: str, baseline: str | None = None, storage_url: str | None
     parent = study.user_attrs.get("mlflow_parent_run_id")
     with tempfile.TemporaryDirectory() as tmp:
         champ = trial_facts(client, study.best_trial, Path(tmp), study_name) | {"source": f"study {study_name}"}
-        base, note = resolve_baseline(baseline, storage, client, Path(tmp))
+        if refs == [DEFAULT_BASELINE] and study_name == DEFAULT_BASELINE:  # the default cannot be the study itself
+            bases, notes = [], [f"no baseline: the default baseline {DEFAULT_BASELINE} is this study; pass --baseline"]
+        else:
+            bases, notes = resolve_baselines(refs, champ, storage, client, Path(tmp))
         out = Path(out_dir or Path("reports") / study_name)
         out.mkdir(parents=True, exist_ok=True)
         (out / PNG).unlink(missing_ok=True)  # a figure from an earlier report must not outlive its champion
@@ -364,18 +405,22 @@ def report(study_name: str, baseline: str | None = None, storage_url: str | None
         rep: dict[str, Any] = {
             "study": study_name, "storage": url, "direction": study.direction.name.lower(), "selection": SELECTION,
             "counts": counts, "wall_seconds": (max(ends) - min(starts)).total_seconds() if starts and ends else None,
-            "parent_run_id": parent, "champion": champ, "baseline": base, "baseline_note": note,
+            "parent_run_id": parent, "champion": champ, "baseline_refs": refs, "baselines": bases,
+            "baseline_notes": notes,
             "importances": imp, "importance_note": imp_note, "png": (out / PNG).exists(),
             "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
                         "test_f1_macro": t.user_attrs.get("test_f1_macro"), "run_id": t.user_attrs.get("mlflow_run_id")}
                        for t in ranked],
         }
         secs = sections(rep, study)
-    title = f"{study_name}: champion vs baseline"
+    title = f"{study_name}: champion vs " + (", ".join(b["name"] for b in bases) or "baseline")
     to_console(title, secs)
     (out / "report.md").write_text(to_markdown(title, secs))
     (out / "report.html").write_text(to_html(title, secs))
-    rep |= {"champion": _public(champ), "baseline": _public(base), "logged_to": parent if log and parent else None,
+    # `baseline` and `baseline_note` as before this took several, for readers of older reports: the first of each
+    rep |= {"champion": _public(champ), "baselines": [_public(b) for b in bases],
+            "baseline": _public(bases[0]) if bases else None, "baseline_note": "; ".join(notes),
+            "logged_to": parent if log and parent else None,
             "files": [str(out / n) for n in ("report.md", "report.html", "report.json", PNG) if n != PNG or rep["png"]]}
     (out / "report.json").write_text(json.dumps(rep, indent=2, default=str))
     if log and parent:
@@ -383,13 +428,18 @@ def report(study_name: str, baseline: str | None = None, storage_url: str | None
             client.log_artifact(parent, path, artifact_path="report")
         metrics = {"report_champion_test_f1_macro": champ["test_f1_macro"],
                    "report_champion_val_f1_macro": champ["val_f1_macro"]}
-        if base:
-            metrics |= {"report_baseline_test_f1_macro": base["test_f1_macro"],
-                        "report_baseline_val_f1_macro": base["val_f1_macro"]}
+        if bases:  # the unnamed keys stay the first baseline's, as when there was only one
+            metrics |= {"report_baseline_test_f1_macro": bases[0]["test_f1_macro"],
+                        "report_baseline_val_f1_macro": bases[0]["val_f1_macro"]}
+        for b in bases:
+            key = _metric_key(b["name"])
+            metrics |= {f"report_baseline_{key}_{k}": b[k] for k in ("test_f1_macro", "val_f1_macro")}
         for key, value in metrics.items():
             if value is not None:
                 client.log_metric(parent, key, value)
         client.set_tag(parent, "report_champion_run_id", champ["run_id"])
+        client.set_tag(parent, "report_baselines", ", ".join(b["label"] for b in bases) or "-")
+        client.set_tag(parent, "report_baseline_run_ids", ", ".join(b["run_id"] for b in bases) or "-")
     return rep
 
 
@@ -397,8 +447,9 @@ def report(study_name: str, baseline: str | None = None, storage_url: str | None
 
 def add_arguments(parser) -> None:
     parser.add_argument("--study", required=True, help="the Optuna study to report on")
-    parser.add_argument("--baseline", help=f"a study name (its best trial) or an MLflow run id "
-                                           f"(default {DEFAULT_BASELINE})")
+    parser.add_argument("--baseline", action="append", metavar="STUDY_OR_RUN_ID",
+                        help="a study name (its best trial) or an MLflow run id; repeat it for several baselines, "
+                             f"shown side by side in that order (default {DEFAULT_BASELINE})")
     parser.add_argument("--storage", help="the sweep's storage: journal:PATH (default mlruns/optuna.journal), "
                                           "postgresql://..., sqlite:///...")
     parser.add_argument("--out", help="output folder (default reports/<study>/)")
@@ -409,6 +460,9 @@ def run(args) -> int:
     rep = report(args.study, args.baseline, args.storage, args.out, log=not args.no_log)
     names = ", ".join(Path(f).name for f in rep["files"])
     console.print(f"report written to [bold]{Path(rep['files'][0]).parent}/[/] ({names})")
+    missing = [r for r in rep["baseline_refs"] if r not in {b["ref"] for b in rep["baselines"]}]
+    if missing and args.baseline:  # asked for by name: a typo must not pass as a quiet note
+        console.print(f"[yellow]baseline not found: {', '.join(missing)}[/] (the report's notes say why)")
     if rep["logged_to"]:
         console.print(f"logged to MLflow run {rep['logged_to']} (artifacts report/, store {tracking.tracking_uri()})")
     else:

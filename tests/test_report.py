@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import mlflow
@@ -12,6 +13,7 @@ import optuna
 import pytest
 
 from research import config as config_mod
+from research import report as report_module
 from research.cli import main
 from research.config import ConfigError
 from research.report import report
@@ -21,11 +23,12 @@ from tests.test_registry import private_store  # chdir: the cached loader's data
 CLASSES = {"circles", "squares", "stripes"}
 
 
-def tiny_spec(version_dir, tmp_path, study_name: str, n_trials: int, space: dict, epochs: int = 2) -> SweepSpec:
+def tiny_spec(version_dir, tmp_path, study_name: str, n_trials: int, space: dict, epochs: int = 2,
+              model: str = "resnet18") -> SweepSpec:
     data = {
         "study_name": study_name,
         "n_trials": n_trials,
-        "base": {"model": "resnet18", "dataset": str(version_dir), "image_size": 32, "epochs": epochs, "batch_size": 8,
+        "base": {"model": model, "dataset": str(version_dir), "image_size": 32, "epochs": epochs, "batch_size": 8,
                  "checkpoint_dir": str(tmp_path / "ckpt"), "device": "cpu", "lr_schedule": "constant"},
         "space": space,
         "sampler": {"name": "random", "seed": 0},
@@ -151,10 +154,86 @@ def test_missing_study_lists_the_existing_ones(studies):
     assert "python -m research sweep sweeps/nope.yaml" in str(err.value)
 
 
-def test_missing_explicit_baseline_is_an_error(studies):
+def test_missing_explicit_baseline_is_a_note(studies):
     for ref in ("no_such_study", "0" * 32):
-        with pytest.raises(ConfigError, match=f"--baseline {ref}"):
-            report("tiny", baseline=ref, storage_url=studies.storage, out_dir=studies.root / "bad", log=False)
+        out = studies.root / "bad"
+        rep = report("tiny", baseline=ref, storage_url=studies.storage, out_dir=out, log=False)
+        assert rep["baselines"] == [] and rep["baseline"] is None and rep["baseline_refs"] == [ref]
+        note = rep["baseline_note"]
+        assert note.startswith(f"no baseline {ref}: ") and "--baseline STUDY_OR_RUN_ID" in note
+        assert f"no baseline {ref}: " in (out / "report.md").read_text()
+
+
+def test_a_baseline_equal_to_the_study_is_refused(studies):
+    champion_run = studies.study("tiny").best_trial.user_attrs["mlflow_run_id"]
+    with pytest.raises(ConfigError, match="--baseline tiny: that is the study being reported"):
+        report("tiny", baseline=["seed_recipe", "tiny"], storage_url=studies.storage, out_dir=studies.root / "self")
+    with pytest.raises(ConfigError, match=f"--baseline {champion_run}: that is the champion's own run"):
+        report("tiny", baseline=champion_run, storage_url=studies.storage, out_dir=studies.root / "self", log=False)
+
+
+def test_several_baselines_side_by_side(studies, tiny_version, capsys, monkeypatch):
+    """--baseline repeated: one column per baseline, in the order given, in every output; a missing one is a note."""
+    multi = f"journal:{studies.root / 'multi.journal'}"
+    for name in ("tiny", "seed_recipe"):
+        optuna.copy_study(from_study_name=name, from_storage=make_storage(studies.storage),
+                          to_storage=make_storage(multi))
+    # another architecture, so the headers must tell the baselines apart by model
+    sweep(tiny_spec(tiny_version, studies.root, "scratch", 1, {}, epochs=1, model="timm:resnet18"), multi)
+    client = mlflow.MlflowClient()  # a parent run of its own: the shared study's parent keeps the other tests' numbers
+    parent = client.create_run(client.get_run(studies.parent).info.experiment_id, run_name="multi").info.run_id
+    client.set_terminated(parent)
+    optuna.load_study(study_name="tiny", storage=make_storage(multi)).set_user_attr("mlflow_parent_run_id", parent)
+    monkeypatch.setattr(report_module.console, "width", 250)  # one table row per line, not wrapped at 80 columns
+
+    out = studies.root / "multi"
+    argv = ["report", "--study", "tiny", "--storage", multi, "--out", str(out), "--baseline", "scratch",
+            "--baseline", "no_such_study", "--baseline", "seed_recipe", "--baseline", "scratch"]
+    assert main(argv) == 0
+    console = capsys.readouterr().out
+    rep = json.loads((out / "report.json").read_text())
+    scratch, seed = (studies_best_run(multi, name) for name in ("scratch", "seed_recipe"))
+
+    # report.json: the baselines found, in the order given, once each; `baseline` = the first; a note for the rest
+    assert rep["baseline_refs"] == ["scratch", "no_such_study", "seed_recipe"]
+    assert [b["run_id"] for b in rep["baselines"]] == [scratch, seed] and rep["baseline"]["run_id"] == scratch
+    assert [b["label"] for b in rep["baselines"]] == ["scratch (timm:resnet18)", "seed_recipe (resnet18)"]
+    assert rep["baselines"][0]["config"]["model"] == "timm:resnet18"
+    assert rep["baselines"][1]["test_f1_macro"] == client.get_run(seed).data.metrics["test_f1_macro"]
+    assert len(rep["baseline_notes"]) == 1 and rep["baseline_notes"][0].startswith("no baseline no_such_study: ")
+
+    # markdown and console: the champion, then each baseline, as columns of one table; per-class F1 for each
+    md = (out / "report.md").read_text()
+    champ = rep["champion"]
+    header = ["", f"champion (trial {champ['trial']}, resnet18)", "scratch (timm:resnet18)", "seed_recipe (resnet18)"]
+    assert "| " + " | ".join(header) + " |" in md
+    assert f"| run id | {champ['run_id']} | {scratch} | {seed} |" in md
+    per_class = ["class", "test support", "champion val F1", "champion test F1", "scratch (timm:resnet18) val F1",
+                 "scratch (timm:resnet18) test F1", "seed_recipe (resnet18) val F1", "seed_recipe (resnet18) test F1"]
+    assert "| " + " | ".join(per_class) + " |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| stripes |"))
+    assert len(row.split(" | ")) == len(per_class)
+    assert "- no baseline no_such_study: " in md and "## Champion vs baselines" in md
+    assert "tiny: champion vs scratch, seed_recipe" in md
+    assert "<th>scratch (timm:resnet18)</th><th>seed_recipe (resnet18)</th>" in (out / "report.html").read_text()
+    lines = console.splitlines()
+    assert any(re.search(r"champion \(trial \d+, resnet18\).*scratch \(timm:resnet18\).*seed_recipe \(resnet18\)", ln)
+               for ln in lines)
+    assert any(champ["run_id"] in ln and scratch in ln and seed in ln for ln in lines)
+    assert any("scratch (timm:resnet18) test F1" in ln and "seed_recipe (resnet18) test F1" in ln for ln in lines)
+    assert "no baseline no_such_study: " in console and "baseline not found: no_such_study" in console
+
+    # the parent run: a tag naming the baselines, and a metric per baseline beside the first one's unnamed keys
+    run = client.get_run(parent)
+    assert run.data.tags["report_baselines"] == "scratch (timm:resnet18), seed_recipe (resnet18)"
+    assert run.data.tags["report_baseline_run_ids"] == f"{scratch}, {seed}"
+    assert run.data.metrics["report_baseline_test_f1_macro"] == rep["baselines"][0]["test_f1_macro"]
+    assert run.data.metrics["report_baseline_seed_recipe_test_f1_macro"] == rep["baselines"][1]["test_f1_macro"]
+    assert run.data.metrics["report_baseline_scratch_val_f1_macro"] == rep["baselines"][0]["val_f1_macro"]
+
+
+def studies_best_run(storage: str, name: str) -> str:
+    return optuna.load_study(study_name=name, storage=make_storage(storage)).best_trial.user_attrs["mlflow_run_id"]
 
 
 def test_without_the_default_baseline_the_report_says_how_to_make_one(studies):
