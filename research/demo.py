@@ -35,7 +35,8 @@ def demo(workers: int | None = None, spec_path: Path = SPEC, predict_n: int = 6)
     from research.data.split import build_version
     from research.eda import run_eda
     from research.predict import predict_files
-    from research.registry import load_model, promote
+    from research.registry import promote
+    from research.serving import load_model
     from research.sweep import load_spec, sweep
 
     t0, timings, notes = time.perf_counter(), {}, {}
@@ -100,19 +101,40 @@ def demo(workers: int | None = None, spec_path: Path = SPEC, predict_n: int = 6)
     console.print(table)
 
     total = time.perf_counter() - t0
-    lines = [
-        f"photo-detection F1 (clean, method {cleaned.get('method')}/{cleaned.get('features')}): "
-        f"{'n/a' if notes['photo_f1'] is None else format(notes['photo_f1'], '.3f')}",
-        f"study {spec.study_name}: {summary['counts']}; best trial {summary.get('best_trial')} "
-        f"val_f1_macro={summary.get('best_value', float('nan')):.4f} params={summary.get('best_params')}",
-        f"champion {promotion.uri}: version {promotion.version}, test_f1_macro={promotion.test_f1 or float('nan'):.4f}",
-        f"dataset: {RAW}/   eda: {EDA}/   clean: {CLEAN}/   version: {version_dir}/",
-        f"tracking store: {tracking.tracking_uri()}   study storage: mlruns/optuna.journal",
-        "open the MLflow UI: python -m research ui   (then http://127.0.0.1:5000)",
-        f"wall time {total:.0f}s  " + "  ".join(f"{k} {v:.0f}s" for k, v in timings.items()),
-    ]
-    console.print(Panel("\n".join(lines), title="demo summary"))
+    right = int((preds["label"] == preds["true"]).sum())
+    console.print(Panel(summary_text(cleaned, notes, spec, summary, promotion, right, len(preds), version_dir, total,
+                                     timings), title="demo summary"))
     return {"seconds": total, "timings": timings, "study": summary, "promotion": promotion, "predictions": preds}
+
+
+def summary_text(cleaned, notes, spec, summary, promotion, right, shown, version_dir, total, timings) -> str:
+    """The demo's outcome in words: aligned labels, rounded numbers, what to run next."""
+    counts = ", ".join(f"{n} {state.lower()}" for state, n in summary["counts"].items() if n)
+    params = ", ".join(f"{k}={_short(v)}" for k, v in (summary.get("best_params") or {}).items())
+    photo_f1 = notes["photo_f1"]
+    test_f1 = promotion.test_f1
+    rows = [
+        ("photo detection", f"F1 {photo_f1:.3f} ({cleaned.get('method')}, {cleaned.get('features')} features)"
+         if photo_f1 is not None else "n/a"),
+        ("study", f"{spec.study_name}: {counts}"),
+        ("best trial", f"#{summary.get('best_trial')}: val macro F1 {summary.get('best_value', float('nan')):.3f} "
+                       f"({params})"),
+        ("champion", f"{promotion.uri} = version {promotion.version}, test macro F1 "
+                     + (f"{test_f1:.3f}" if test_f1 is not None else "n/a")),
+        ("sample predictions", f"{right} of {shown} right"),
+        ("data", f"{RAW}/  {EDA}/  {CLEAN}/  {version_dir}/"),
+        ("tracking", f"{tracking.tracking_uri()}  (studies: mlruns/optuna.journal)"),
+        ("wall time", f"{total:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")"),
+        ("next", "python -m research ui    # the MLflow UI on http://127.0.0.1:5000"),
+        ("", "python -m research predict data/versions/v3/test/heart"),
+        ("", "python -m research sweep sweeps/transfer_cpu.yaml    # fine-tune the trunk (about an hour)"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {text}" for label, text in rows)
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def add_arguments(parser) -> None:
