@@ -25,8 +25,8 @@ import torch
 from research.config import TrainConfig
 from research.data import cache as cache_mod
 from research.data.image import SPLITS
-from research.data.pool import progress_bar
 from research.data.loaders import BatchAugment, Loaders, Normalize, epoch_generator, epoch_plan, num_batches
+from research.data.pool import progress_bar
 from research.models import Preprocessing, trunk_and_head
 
 EMBED_BATCH = 64

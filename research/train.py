@@ -38,8 +38,12 @@ from research.config import ConfigError, TrainConfig
 from research.data.loaders import Loaders, build_loaders
 from research.data.versions import Version, load_version, mlflow_dataset
 from research.losses import build_loss
-from research.metrics import (classification_metrics, classification_report_frame, confusion_matrix_figure,
-                              confusion_matrix_frame)
+from research.metrics import (
+    classification_metrics,
+    classification_report_frame,
+    confusion_matrix_figure,
+    confusion_matrix_frame,
+)
 from research.schedules import Schedule, build_optimizer, build_scheduler, layer_decay_scales, param_groups
 from research.serving import model_meta, pip_requirements
 
@@ -506,9 +510,10 @@ def log_torch_model(model: torch.nn.Module, image_size: int, meta_file: Path) ->
     example = np.zeros((1, 3, image_size, image_size), dtype=np.float32)
     with torch.no_grad():
         out = model(torch.from_numpy(example)).numpy()
+    # a signature, no input example: at 224 px the example alone is a 1 MB JSON per run
     mlflow.pytorch.log_model(
         model, name="model", serialization_format="pickle", pip_requirements=pip_requirements(),
-        signature=infer_signature(example, out), input_example=example, extra_files=[str(meta_file)],
+        signature=infer_signature(example, out), extra_files=[str(meta_file)],
         code_paths=[str(Path(__file__).resolve().parent)],
     )
 
