@@ -6,7 +6,7 @@ is never predicted, or absent from a small split, counts as 0 rather than being 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd

@@ -34,9 +34,17 @@ from rich.table import Table
 from research import tracking
 from research.config import ConfigError
 from research.serving import (  # IllustrationClassifier here also unpickles pyfuncs logged when it lived here
-    CHAMPION, MODEL_NAME, PREVIOUS, STAGE, IllustrationClassifier, first_line, pip_requirements, prob_column, read_meta,
+    CHAMPION,
+    MODEL_NAME,
+    PREVIOUS,
+    STAGE,
+    IllustrationClassifier,
+    first_line,
+    load_model,  # noqa: F401 - re-exported: research/demo.py imports it from here
+    pip_requirements,
+    prob_column,
+    read_meta,
 )
-from research.serving import load_model  # noqa: F401 - re-exported: research/demo.py imports it from here
 
 console = Console()
 
@@ -297,7 +305,6 @@ def log_pyfunc(client, run_id: str) -> tuple[str, dict[str, Any]]:
 
 def register(client, cand: Candidate, name: str) -> str:
     import mlflow
-
     from mlflow.exceptions import MlflowException
 
     model_uri, meta = log_pyfunc(client, cand.run_id)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import io
+import struct
 import time
 import zlib
-import struct
 
 import numpy as np
 import pytest
@@ -13,8 +13,16 @@ import torch
 from PIL import Image
 
 from research.data import image
-from research.data.image import (INTERPOLATIONS, MAX_PIXELS, SPLITS, ImageTooLarge, decode, normalize, open_rgb,
-                                 resize_square)
+from research.data.image import (
+    INTERPOLATIONS,
+    MAX_PIXELS,
+    SPLITS,
+    ImageTooLarge,
+    decode,
+    normalize,
+    open_rgb,
+    resize_square,
+)
 
 
 def px(im: Image.Image, xy) -> tuple[int, int, int]:

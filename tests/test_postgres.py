@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import collections
-import io
 import os
 import shutil
 import socket
@@ -205,7 +204,6 @@ def test_compose_init_creates_the_optuna_database_and_schema_once(postgres):
 def test_workers_share_a_postgres_study_and_an_mlflow_server(postgres, mlflow_server, tiny_version, tmp_path, monkeypatch):
     import mlflow
     import optuna
-    from optuna.trial import TrialState
 
     t_start = time.time()
     storage_url = postgres("test_optuna")

@@ -33,8 +33,16 @@ from research.config import ConfigError
 from research.data.image import IMAGENET_MEAN, IMAGENET_STD, decode, normalize
 from research.registry import promote
 from research.serving import (
-    CHAMPION, META_FILE, MODEL_NAME, Classifier, decode_payload, load_model, model_meta, pip_requirements,
-    read_meta, row_error,
+    CHAMPION,
+    META_FILE,
+    MODEL_NAME,
+    Classifier,
+    decode_payload,
+    load_model,
+    model_meta,
+    pip_requirements,
+    read_meta,
+    row_error,
 )
 
 EXPERIMENT = "test-serving"

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import io
 import math
 import shutil
 from dataclasses import dataclass
-from functools import lru_cache
-import importlib.util
+from functools import cache, lru_cache
 from importlib import metadata
 from pathlib import Path
 
@@ -293,7 +293,7 @@ def _make_many(args: tuple[list[Item], str, int]) -> list[dict]:
 # ---------------------------------------------------------------- labels and attribution
 
 
-@lru_cache(maxsize=None)
+@cache
 def _version(dist: str) -> str:
     try:
         return metadata.version(dist)

@@ -45,7 +45,7 @@ PREFETCH = 3  # batches ready ahead of the model
 
 @dataclasses.dataclass
 class Loaders:
-    train: "TrainStream"  # len(train) = batches per epoch; train.epoch(epoch) -> Iterator[(x, y)]
+    train: TrainStream  # len(train) = batches per epoch; train.epoch(epoch) -> Iterator[(x, y)]
     val: Iterable  # deterministic, no augmentation; (x, y) with y LongTensor
     test: Iterable
     classes: list[str]

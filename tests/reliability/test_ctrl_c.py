@@ -17,8 +17,17 @@ import yaml
 from optuna.trial import TrialState
 
 from research.sweep import make_storage
-from tests.reliability import (child_runs, cli_env, kill, run_cli, start_cli, tail, tiny_sweep_spec,
-                               tiny_train_config, wait_for)
+from tests.reliability import (
+    child_runs,
+    cli_env,
+    kill,
+    run_cli,
+    start_cli,
+    tail,
+    tiny_sweep_spec,
+    tiny_train_config,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from research.sweep import make_storage, summarize
-from tests.reliability import (child_runs, cli_env, kill, prepare_study, start_workers, tail, tiny_sweep_spec,
-                               wait_for)
+from tests.reliability import child_runs, cli_env, kill, prepare_study, start_workers, tail, tiny_sweep_spec, wait_for
 
 pytestmark = pytest.mark.slow
 N_TRIALS = 4
