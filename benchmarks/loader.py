@@ -34,7 +34,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs per path")
     parser.add_argument("--warmup-batches", type=int, default=None, help="default: 2 per folder worker, at least 4")
-    parser.add_argument("--workers", type=int, default=None, help="folder DataLoader workers (default: cores available)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="folder DataLoader workers (default: cores available)")
     parser.add_argument("--cache-root", default=None, help="keep caches here (default: a temp dir, removed after)")
     return parser.parse_args(argv)
 
@@ -87,9 +88,9 @@ def table(rows: list[dict], title: str) -> Table:
     for col in ("size", "batch", "images", "folder img/s", "cached img/s", "speedup", "cache build s", "workers"):
         t.add_column(col, justify="right")
     for r in rows:
-        t.add_row(f"{r['image_size']}px", str(r["batch_size"]), str(r["train_images"]), f"{r['folder']['img_per_s']:.0f}",
-                  f"{r['cached']['img_per_s']:.0f}", f"{r['speedup']:.1f}x", f"{r['cache_build_s']:.1f}",
-                  str(r["folder_workers"]))
+        t.add_row(f"{r['image_size']}px", str(r["batch_size"]), str(r["train_images"]),
+                  f"{r['folder']['img_per_s']:.0f}", f"{r['cached']['img_per_s']:.0f}", f"{r['speedup']:.1f}x",
+                  f"{r['cache_build_s']:.1f}", str(r["folder_workers"]))
     return t
 
 

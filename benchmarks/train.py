@@ -33,7 +33,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=4, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before each round")
     parser.add_argument("--repeats", type=int, default=2, help="alternating synthetic/real rounds; best counts")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast (default: on CUDA)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="default: on CUDA")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps)")
@@ -125,7 +126,8 @@ def main(argv=None) -> int:
     loaders = build_loaders(version, cfg, device, cache_root=args.cache_root)
     rows = []
     for name in args.models:
-        console.print(f"{name}: {args.repeats} x ({args.warmup}+{args.steps} synthetic, {args.warmup}+{args.steps} real) steps ...")
+        console.print(f"{name}: {args.repeats} x ({args.warmup}+{args.steps} synthetic, "
+                      f"{args.warmup}+{args.steps} real) steps ...")
         rows.append(measure(name, loaders, len(loaders.classes), args, device, amp, cl))
     info = machine_info(device)
     t = Table(title=f"training img/s, {args.image_size}px, batch {args.batch_size}, {device}"
@@ -133,7 +135,8 @@ def main(argv=None) -> int:
     for col in ("model", "synthetic img/s", "real img/s", "pipeline efficiency"):
         t.add_column(col, justify="right")
     for r in rows:
-        t.add_row(r["model"], f"{r['synthetic_img_per_s']:.1f}", f"{r['real_img_per_s']:.1f}", f"{r['pipeline_efficiency']:.2f}")
+        t.add_row(r["model"], f"{r['synthetic_img_per_s']:.1f}", f"{r['real_img_per_s']:.1f}",
+                  f"{r['pipeline_efficiency']:.2f}")
     console.print(t)
     path = write_results("train", {
         "machine": info, "dataset": note, "image_size": args.image_size, "batch_size": args.batch_size,

@@ -115,7 +115,8 @@ def main() -> None:
     ap.add_argument("--dataset", default="v3")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
-    ap.add_argument("--round", choices=list(ROUNDS), help="the recipes of one round (1: broad, 2: around round 1's best)")
+    ap.add_argument("--round", choices=list(ROUNDS),
+                    help="the recipes of one round (1: broad, 2: around round 1's best)")
     ap.add_argument("--epochs", type=int, help="override every recipe's epochs (a quick CPU check)")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -127,8 +128,8 @@ def main() -> None:
         cfg = config_mod.from_dict(TrainConfig, changes)
         results[name] = run(cfg, device) | {"changes": RECIPES[name]}
         r = results[name]
-        print(f"{name:24s} {r['image_size']:>3}px  val {r['val']:.3f}  test {r['test']:.3f} (acc {r['test_accuracy']:.3f})"
-              f"  best epoch {r['epoch']:>2}  {r['seconds']:.0f}s", flush=True)
+        print(f"{name:24s} {r['image_size']:>3}px  val {r['val']:.3f}  test {r['test']:.3f}"
+              f" (acc {r['test_accuracy']:.3f})  best epoch {r['epoch']:>2}  {r['seconds']:.0f}s", flush=True)
     out = Path("benchmarks/results") / f"transfer-{platform.node()}-{datetime.now():%Y-%m-%d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"base": BASE, "device": str(device), "torch": torch.__version__,

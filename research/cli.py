@@ -22,7 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("research.predict", "classify images with a registered model"),
     "runs": ("research.runs", "leaderboard of runs in the terminal"),
     "ui": ("research.runs", "start the MLflow UI on the tracking store"),
-    "report": ("research.report", "a study's champion vs a baseline: val/test F1, per-class F1, importances, confusion matrix"),
+    "report": ("research.report",
+               "a study's champion vs a baseline: val/test F1, per-class F1, importances, confusion matrix"),
     "demo": ("research.demo", "the whole pipeline end to end on the embedded dataset"),
 }
 

@@ -310,8 +310,8 @@ class TrainConfig:
                 raise ConfigError(f"{key}={value} must be > 0.")
         if self.image_size is not None and self.image_size < 16:
             raise ConfigError(f"image_size={self.image_size} is too small; use 32 or more (or null: the model's own).")
-        for key in ("weight_decay", "momentum", "label_smoothing", "warmup_epochs", "grad_clip", "early_stopping_patience",
-                    "num_workers", "freeze_epochs", "feature_views", "seed", "ema_decay"):
+        for key in ("weight_decay", "momentum", "label_smoothing", "warmup_epochs", "grad_clip",
+                    "early_stopping_patience", "num_workers", "freeze_epochs", "feature_views", "seed", "ema_decay"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 0.")
         if self.layer_decay > 1.0:

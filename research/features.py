@@ -102,7 +102,8 @@ def _build(path: Path, key: dict, images, trunk, device, prep: Preprocessing, cf
             augment = BatchAugment(cfg.augment, prep.image_size, device, prep.mean, prep.std)
             train = [_embed(trunk, arrays["train"], device, prep, advance)]
             for view in range(1, cfg.feature_views + 1):
-                train.append(_embed(trunk, arrays["train"], device, prep, advance, augment, seed=cfg.seed * 1000 + view))
+                train.append(_embed(trunk, arrays["train"], device, prep, advance, augment,
+                                    seed=cfg.seed * 1000 + view))
             np.save(tmp / "train.npy", np.stack(train))
             for split in ("val", "test"):
                 np.save(tmp / f"{split}.npy", _embed(trunk, arrays[split], device, prep, advance))

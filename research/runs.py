@@ -45,7 +45,8 @@ def leaderboard(experiment: str | None = None, study: str | None = None, top: in
         val = best_value(client, run, "val_f1_macro")
         rows.append({
             "run_id": run.info.run_id, "name": run.info.run_name or "", "status": run.info.status,
-            "model": params.get("model", ""), "dataset": Path(params.get("dataset_version", "")).name,  # the param may be a version directory
+            # the dataset_version param may be a version directory: its name
+            "model": params.get("model", ""), "dataset": Path(params.get("dataset_version", "")).name,
             "batch": params.get("batch_size", ""), "lr": params.get("lr", ""),
             "lr_schedule": params.get("lr_schedule", ""), "loss": params.get("loss", ""),
             "sampler": params.get("sampler", ""), "val_f1_macro": val,
@@ -131,6 +132,7 @@ def run(args) -> int:
         console.print(f"MLflow UI on [bold]http://{args.host}:{args.port}[/] "
                       f"(store {tracking.tracking_uri()}); Ctrl-C stops it.")
         sys.stdout.flush()
-        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION=os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"))
+        job_execution = os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION=job_execution)
         os.execvpe(cmd[0], cmd, env)
     raise ConfigError(f"unknown command {args.command!r} for research.runs")

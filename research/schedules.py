@@ -46,7 +46,8 @@ def parse_epoch_list(text: str, names: Iterable[str] = NAMED_SCHEDULES) -> list[
         try:
             lr = float(lr_text)
         except ValueError:
-            raise _epoch_list_error(text, f"{lr_text.strip()!r} in entry {i + 1} is not a learning rate", names) from None
+            reason = f"{lr_text.strip()!r} in entry {i + 1} is not a learning rate"
+            raise _epoch_list_error(text, reason, names) from None
         if not lr > 0 or lr == float("inf"):
             raise _epoch_list_error(text, f"learning rate {lr_text.strip()} in entry {i + 1} must be > 0", names)
         if not sep:

@@ -129,7 +129,8 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[int, dict[str, float]], None]
     tracking.check_reachable()  # before any cache or checkpoint is written
     parts = build_parts(cfg)
     state = TrainState()
-    with tracked_run(parts.cfg, parent_run_id=parent_run_id, tags={"device": str(parts.device), **(tags or {})}) as run_id:
+    run_tags = {"device": str(parts.device), **(tags or {})}
+    with tracked_run(parts.cfg, parent_run_id=parent_run_id, tags=run_tags) as run_id:
         log_run_inputs(parts, run_id)
         return _train_in_run(parts, state, run_id, on_start, on_epoch)
 
@@ -145,7 +146,8 @@ def resume(ref: str, checkpoint_root: str | None = None, **kwargs) -> TrainResul
         status = mlflow.MlflowClient().get_run(run_id).info.status
     except mlflow.exceptions.MlflowException as exc:
         raise ConfigError(f"Checkpoint {ckdir} belongs to run {run_id}, which is not in the tracking store "
-                          f"{tracking.tracking_uri()}; set MLFLOW_TRACKING_URI to the store it was trained in.") from exc
+                          f"{tracking.tracking_uri()}; "
+                          "set MLFLOW_TRACKING_URI to the store it was trained in.") from exc
     if status == "FINISHED":
         raise ConfigError(f"Run {run_id} already finished; nothing to resume.")
     parts = build_parts(cfg)

@@ -1,13 +1,19 @@
-"""Shared fixtures: a private MLflow store and tracking home per test, small real images on disk."""
+"""Shared fixtures: a private MLflow store and tracking home per test, small real images on disk,
+dataset versions (a session one built by `split`, a hand-written one of mixed image modes), two real
+trained runs in a module's private store."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from PIL import Image
+
+if TYPE_CHECKING:
+    from research.config import TrainConfig
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -101,3 +107,116 @@ def tiny_version(tmp_path_factory) -> Path:
             draw_image(kind, 48, rng).save(source / cls / f"{cls}_{i:03d}.png")
     clean = write_clean_dir(source, root / "clean")
     return build_version(clean, "tiny", recipe="v1", out_root=root / "versions", progress=False)
+
+
+def make_version(root: Path, counts: dict[str, dict[str, int]], name: str = "vt", seed: int = 0) -> Path:
+    """A version dir as `split` writes it: {split}/{class}/*.png + manifest.csv + version.json.
+
+    Images have mixed sizes and modes (RGB, RGBA with transparency, palette, grayscale) so the
+    decode rule is exercised.
+    """
+    import hashlib
+    import json
+
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    vdir = root / name
+    rows = []
+    kinds = ["square", "circle", "photo"]
+    for split, per_class in counts.items():
+        for ci, (cls, n) in enumerate(sorted(per_class.items())):
+            (vdir / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                im = draw_image(kinds[(ci + i) % 3], int(rng.integers(24, 64)), rng)
+                mode = ["RGB", "RGBA", "P", "L"][i % 4]
+                if mode == "RGBA":
+                    im = im.convert("RGBA")
+                    a = np.asarray(im).copy()
+                    a[: a.shape[0] // 3, :, 3] = 0  # a transparent band: must come out white
+                    im = Image.fromarray(a, "RGBA")
+                else:
+                    im = im.convert(mode)
+                rel = f"{split}/{cls}/{cls}_{i:03d}.png"
+                im.save(vdir / rel)
+                rows.append({"path": rel, "class": cls, "split": split, "group": f"{cls}{i}",
+                             "sha256": hashlib.sha256((vdir / rel).read_bytes()).hexdigest(),
+                             "source_path": rel, "augmented_from": ""})
+    manifest = pd.DataFrame(rows)
+    manifest.to_csv(vdir / "manifest.csv", index=False)
+    classes = sorted({r["class"] for r in rows})
+    digest = hashlib.sha256("".join(sorted(r["path"] + r["sha256"] for r in rows)).encode()).hexdigest()
+    (vdir / "version.json").write_text(json.dumps({
+        "name": name, "recipe": "test", "seed": seed, "classes": classes,
+        "counts": {s: dict(c) for s, c in counts.items()}, "source_digest": "x", "digest": digest,
+        "image_mode": "RGB"}))
+    return vdir
+
+
+@pytest.fixture
+def version(tmp_path):
+    """The hand-written version (make_version) of the cache and loader tests: 39 / 11 / 7 images, 3 classes."""
+    from research.data.versions import load_version
+
+    counts = {"train": {"a": 24, "b": 6, "c": 9}, "val": {"a": 5, "b": 3, "c": 3}, "test": {"a": 3, "b": 2, "c": 2}}
+    return load_version(make_version(tmp_path, counts))
+
+
+# ------------------------------------------------------------------------------ a private store with two runs
+
+EXPERIMENT = "test-registry"  # the experiment of the store fixture's runs
+
+
+def tiny_cfg(version_dir: Path, tmp: Path, **changes) -> TrainConfig:
+    from research import config as config_mod
+    from research.config import TrainConfig
+
+    # lr 1e-3: AdamW at 0.05 diverges on this tiny set (test F1 at chance), and `good` must beat `weak`
+    base = dict(model="resnet18", dataset=str(version_dir), image_size=32, epochs=2, batch_size=8, lr=1e-3,
+                optimizer="adamw", lr_schedule="constant", experiment=EXPERIMENT, checkpoint_dir=str(tmp / "ckpt"),
+                device="cpu", seed=0)
+    return config_mod.from_dict(TrainConfig, base | changes)
+
+
+class Store:
+    """What the module's fixture leaves: the store URI, the version dir, the two runs' ids."""
+
+    def __init__(self, uri: str, version: Path, good: str, weak: str, workdir: Path):
+        self.uri, self.version, self.good, self.weak, self.workdir = uri, version, good, weak, workdir
+
+
+def private_store(mp: pytest.MonkeyPatch, root: Path) -> str:
+    """The `mlflow_store` fixture's environment, for a module-scoped store."""
+    import mlflow
+
+    home = root / "mlruns"
+    home.mkdir(parents=True)
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    mp.setenv("RESEARCH_MLRUNS", str(home))
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    mp.chdir(root)  # the cached loader writes data/cache/ (and `report` reports/) under the working directory
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def store(tiny_version, tmp_path_factory):
+    """Two real training runs in the module's private store (tests/test_registry.py, tests/test_runs.py).
+
+    resnet18, 32 px, on the session's tiny dataset version: `good` (2 epochs at lr 1e-3) and `weak` (1 epoch at
+    a learning rate too small to learn).
+    """
+    import mlflow
+
+    from research.train import train
+
+    root = tmp_path_factory.mktemp("registry")
+    with pytest.MonkeyPatch.context() as mp:
+        uri = private_store(mp, root)
+        good = train(tiny_cfg(tiny_version, root, run_name="good")).run_id
+        weak = train(tiny_cfg(tiny_version, root, run_name="weak", epochs=1, lr=1e-7)).run_id
+        yield Store(uri, tiny_version, good, weak, root)
+        while mlflow.active_run() is not None:
+            mlflow.end_run()

@@ -41,7 +41,8 @@ def test_method_finds_the_photos(make_tree, tmp_path, method, features):
     root = _mixed_tree(make_tree)
     info = clean(root, method=method, features=features, out=tmp_path / "out", log=False, progress=False, workers=1)
     quarantine = pd.read_csv(tmp_path / "out" / "quarantine.csv")
-    assert sorted(quarantine["path"]) == sorted(str(p) for p in pd.read_csv(root / "labels.csv").query("is_photo == 1")["path"])
+    photos = pd.read_csv(root / "labels.csv").query("is_photo == 1")["path"]
+    assert sorted(quarantine["path"]) == sorted(str(p) for p in photos)
     assert info["metrics"]["f1"] == 1.0 and info["metrics"]["drawings_lost"] == 0
     assert set(quarantine.columns) >= {"path", "class", "cluster", "score", "reason"}
 

@@ -5,7 +5,8 @@ from research.cli import COMMANDS, main
 
 
 def test_help_lists_every_command(capsys):
-    out = subprocess.run([sys.executable, "-m", "research", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "research", "--help"], capture_output=True, text=True,
+                         check=True).stdout
     for name in COMMANDS:
         assert name in out
 

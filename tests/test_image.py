@@ -24,6 +24,8 @@ from research.data.image import (
     resize_square,
 )
 
+SIZE = 32
+
 
 def px(im: Image.Image, xy) -> tuple[int, int, int]:
     return tuple(im.getpixel(xy))
@@ -220,3 +222,14 @@ def test_normalize_caches_its_tensors_and_checks_input():
         normalize(x.float(), (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
     with pytest.raises(ValueError, match="channels"):
         normalize(x, (0.5,), (0.5,))
+
+
+def test_decode_rule_composites_alpha_on_white(tmp_path):
+    a = np.zeros((40, 20, 4), np.uint8)
+    a[..., 0] = 200
+    a[:20, :, 3] = 255  # top half opaque red-ish, bottom half transparent
+    Image.fromarray(a, "RGBA").save(tmp_path / "x.png")
+    px = decode(tmp_path / "x.png", SIZE)
+    assert px.shape == (SIZE, SIZE, 3) and px.dtype == np.uint8
+    assert (px[-4:] == 255).all()  # transparent -> white paper, not black
+    assert abs(int(px[2, 2, 0]) - 200) <= 1 and px[2, 2, 1] <= 1

@@ -87,7 +87,8 @@ def test_focal_alpha_is_inverse_frequency_with_mean_one():
     inv = [1 / n for n in COUNTS]
     alpha = [a / mean(inv) for a in inv]  # 100, 10, 1 -> proportional to 1, 10, 100
     expected = ref_loss(LOGITS, TARGET, weight=alpha, gamma=1.5)
-    assert value(build_loss(cfg(loss="focal", focal_gamma=1.5, focal_alpha=True), COUNTS)) == pytest.approx(expected, rel=1e-6)
+    loss = build_loss(cfg(loss="focal", focal_gamma=1.5, focal_alpha=True), COUNTS)
+    assert value(loss) == pytest.approx(expected, rel=1e-6)
 
 
 def cb_weights(counts, beta):
@@ -128,7 +129,8 @@ def test_balanced_softmax_with_uniform_counts_is_cross_entropy():
 def ldam_ref(weight=None, max_margin=0.5, s=30.0) -> float:
     raw = [n**-0.25 for n in COUNTS]
     margins = [m * max_margin / max(raw) for m in raw]
-    adjusted = [[s * (z - (margins[c] if c == t else 0.0)) for c, z in enumerate(row)] for row, t in zip(LOGITS, TARGET)]
+    adjusted = [[s * (z - (margins[c] if c == t else 0.0)) for c, z in enumerate(row)]
+                for row, t in zip(LOGITS, TARGET)]
     return ref_loss(adjusted, TARGET, weight=weight)
 
 

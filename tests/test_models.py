@@ -81,7 +81,8 @@ def test_models_build_and_forward(name):
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
     if name == "vgg16_bn_v2":
         assert sum(isinstance(m, nn.BatchNorm2d) for m in model.features) == 13
-        assert [m.out_features for m in model.classifier if isinstance(m, nn.Linear)] == [4096, 4096, 1024, 1024, 512, 5]
+        widths = [m.out_features for m in model.classifier if isinstance(m, nn.Linear)]
+        assert widths == [4096, 4096, 1024, 1024, 512, 5]
 
 
 def test_torchvision_heads_are_replaced():
@@ -177,3 +178,15 @@ def test_a_frozen_trunk_keeps_its_batch_norm_statistics():
     train_mode(model)
     model(torch.randn(4, 3, 32, 32) * 5 + 3)
     assert not torch.equal(model.trunk.bn1.running_mean, before)
+
+
+@pytest.mark.parametrize("name", ["timm:tf_efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite_pretrained_offline_through_either_name(name, empty_caches):
+    """With empty caches the ImageNet trunk comes from the installed package, by alias or by timm name."""
+    from research.pretrained import imagenet_state_dict
+
+    model = build_model(name, 5, pretrained=True)
+    reference = imagenet_state_dict("tf_efficientnet_lite" + name[-1])
+    assert torch.equal(model.trunk.conv_stem.weight, reference["conv_stem.weight"])
+    assert torch.equal(model.trunk.blocks[2][0].bn1.running_var, reference["blocks.2.0.bn1.running_var"])
+    assert model.head.out_features == 5

@@ -173,7 +173,8 @@ def _write_spec(path: Path, version_dir: Path, checkpoints: Path, study: str) ->
 def _research(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "research", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
-    assert proc.returncode == 0, f"python -m research {' '.join(args)} -> {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (f"python -m research {' '.join(args)} -> {proc.returncode}\n"
+                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
@@ -196,12 +197,13 @@ def test_compose_init_creates_the_optuna_database_and_schema_once(postgres):
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert "created" in runs[0].stdout and "exists" in runs[1].stdout
     storage = optuna.storages.RDBStorage(url)
-    study = optuna.create_study(study_name="probe", storage=storage)  # the schema is there and usable
+    optuna.create_study(study_name="probe", storage=storage)  # the schema is there and usable
     assert optuna.get_all_study_names(storage) == ["probe"]
     storage.engine.dispose()  # let the fixture drop the database
 
 
-def test_workers_share_a_postgres_study_and_an_mlflow_server(postgres, mlflow_server, tiny_version, tmp_path, monkeypatch):
+def test_workers_share_a_postgres_study_and_an_mlflow_server(postgres, mlflow_server, tiny_version, tmp_path,
+                                                             monkeypatch):
     import mlflow
     import optuna
 
@@ -294,7 +296,8 @@ def test_workers_share_a_postgres_study_and_an_mlflow_server(postgres, mlflow_se
 
     print(f"\n--- PostgreSQL study {study_name}: {N_TRIALS} trials, {N_WORKERS} worker processes")
     for worker, n in sorted(per_worker.items()):
-        print(f"  worker {worker}: {n} trial(s) {sorted(t.number for t in trials if t.user_attrs.get('worker') == worker)}")
+        its_trials = sorted(t.number for t in trials if t.user_attrs.get("worker") == worker)
+        print(f"  worker {worker}: {n} trial(s) {its_trials}")
     print(f"  workers wall time {worker_seconds:.1f}s; summary {summary_seconds:.1f}s; "
           f"promote + load + predict {promote_seconds:.1f}s; test total {time.time() - t_start:.1f}s")
     print(f"  parent run {parent_id} FINISHED with {len(children)} FINISHED child runs; "

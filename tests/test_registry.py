@@ -1,8 +1,9 @@
-"""Pick a run, promote it, load it by alias / stage / version; the leaderboard: real trained runs in a private store.
+"""Pick a run, promote it, load it by alias / stage / version: real trained runs in a private store.
 
 Two real training runs (resnet18, 32 px, on the session's tiny dataset version) are shared by
-the module: `good` (2 epochs at lr 1e-3) and `weak` (1 epoch at a learning rate too small to learn). Each
-test registers under its own model name, so tests do not see each other's aliases.
+the module (the `store` fixture, tests/conftest.py): `good` (2 epochs at lr 1e-3) and `weak` (1 epoch at a
+learning rate too small to learn). Each test registers under its own model name, so tests do not see each
+other's aliases.
 """
 
 from __future__ import annotations
@@ -18,57 +19,11 @@ import pandas as pd
 import pytest
 import torch
 
-from research import config as config_mod
-from research import runs as runs_mod
 from research.cli import main
-from research.config import ConfigError, TrainConfig
+from research.config import ConfigError
 from research.registry import CHAMPION, PREVIOUS, PromotionRefused, pick_run, promote
+from tests.conftest import EXPERIMENT, Store, tiny_cfg
 from tests.test_serving import free_port
-
-EXPERIMENT = "test-registry"
-
-
-def tiny_cfg(version_dir: Path, tmp: Path, **changes) -> TrainConfig:
-    # lr 1e-3: AdamW at 0.05 diverges on this tiny set (test F1 at chance), and `good` must beat `weak`
-    base = dict(model="resnet18", dataset=str(version_dir), image_size=32, epochs=2, batch_size=8, lr=1e-3,
-                optimizer="adamw", lr_schedule="constant", experiment=EXPERIMENT, checkpoint_dir=str(tmp / "ckpt"),
-                device="cpu", seed=0)
-    return config_mod.from_dict(TrainConfig, base | changes)
-
-
-class Store:
-    """What the module's fixture leaves: the store URI, the version dir, the two runs' ids."""
-
-    def __init__(self, uri: str, version: Path, good: str, weak: str, workdir: Path):
-        self.uri, self.version, self.good, self.weak, self.workdir = uri, version, good, weak, workdir
-
-
-def private_store(mp: pytest.MonkeyPatch, root: Path) -> str:
-    """The `mlflow_store` fixture's environment (tests/conftest.py), for a module-scoped store."""
-    home = root / "mlruns"
-    home.mkdir(parents=True)
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    mp.setenv("RESEARCH_MLRUNS", str(home))
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    mp.chdir(root)  # the cached loader writes data/cache/ (and `report` reports/) under the working directory
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return uri
-
-
-@pytest.fixture(scope="module")
-def store(tiny_version, tmp_path_factory):
-    from research.train import train
-
-    root = tmp_path_factory.mktemp("registry")
-    with pytest.MonkeyPatch.context() as mp:
-        uri = private_store(mp, root)
-        good = train(tiny_cfg(tiny_version, root, run_name="good")).run_id
-        weak = train(tiny_cfg(tiny_version, root, run_name="weak", epochs=1, lr=1e-7)).run_id
-        yield Store(uri, tiny_version, good, weak, root)
-        while mlflow.active_run() is not None:
-            mlflow.end_run()
 
 
 def metric(run_id: str, key: str) -> float:
@@ -101,8 +56,8 @@ def training_probabilities(store: Store, run_id: str) -> np.ndarray:
     meta = json.loads(Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model_meta.json")).read_text())
     prep = Preprocessing(meta["image_size"], tuple(meta["mean"]), tuple(meta["std"]), meta["interpolation"])
     cfg = tiny_cfg(store.version, store.workdir, loader="cached")
-    loaders = build_loaders(load_version(store.version), cfg, torch.device("cpu"), cache_root=store.workdir / "data/cache",
-                            prep=prep)
+    loaders = build_loaders(load_version(store.version), cfg, torch.device("cpu"),
+                            cache_root=store.workdir / "data/cache", prep=prep)
     module = mlflow.pytorch.load_model(f"runs:/{run_id}/model").eval()
     with torch.no_grad():
         return np.concatenate([torch.softmax(module(x), 1).numpy() for x, _ in loaders.test])
@@ -183,7 +138,8 @@ def test_promotion_moves_aliases_refuses_worse_and_is_idempotent(store, capsys):
 
 def test_pick_best_run_by_best_val_f1_with_model_filter(store):
     client = mlflow.MlflowClient()
-    best = {rid: max(m.value for m in client.get_metric_history(rid, "val_f1_macro")) for rid in (store.good, store.weak)}
+    best = {rid: max(m.value for m in client.get_metric_history(rid, "val_f1_macro"))
+            for rid in (store.good, store.weak)}
     cand = pick_run(client, experiment=EXPERIMENT, model_filter="resnet18")
     assert cand.run_id == max(best, key=best.get) and cand.score == pytest.approx(max(best.values()))
     assert pick_run(client).run_id == cand.run_id  # the default: any architecture
@@ -211,29 +167,3 @@ def test_promote_fails_fast_when_the_tracking_server_is_down(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert "not reachable" in err and uri in err and time.monotonic() - start < 30
     assert list(tmp_path.iterdir()) == []  # no mlruns/ left behind
-
-
-# ------------------------------------------------------------------------------ runs / ui
-
-def test_runs_leaderboard_ranks_by_best_val_f1(store, capsys, monkeypatch):
-    from research.runs import leaderboard
-
-    rows = leaderboard(experiment=EXPERIMENT)
-    assert {r["run_id"] for r in rows} == {store.good, store.weak}
-    assert rows[0]["val_f1_macro"] >= rows[1]["val_f1_macro"]
-    assert all(r["model"] == "resnet18" and r["dataset"] == "tiny" and r["seconds"] > 0 for r in rows)
-    capsys.readouterr()
-    monkeypatch.setattr(runs_mod.console, "width", 200)
-    assert main(["runs", "--experiment", EXPERIMENT, "--top", "5"]) == 0
-    out = capsys.readouterr().out
-    assert "resnet18" in out and store.good[:8] in out
-
-
-def test_ui_command_points_at_the_store(store):
-    from research.runs import ui_command
-
-    cmd = ui_command("127.0.0.1", 5055)
-    assert cmd[1:4] == ["-m", "mlflow", "ui"]
-    assert cmd[cmd.index("--backend-store-uri") + 1] == store.uri
-    assert cmd[cmd.index("--default-artifact-root") + 1] == (store.workdir / "mlruns" / "artifacts").as_uri()
-    assert cmd[cmd.index("--port") + 1] == "5055"

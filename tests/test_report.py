@@ -18,7 +18,7 @@ from research.cli import main
 from research.config import ConfigError
 from research.report import report
 from research.sweep import SweepSpec, make_storage, sweep
-from tests.test_registry import private_store  # chdir: the cached loader's data/cache/ and the report's reports/
+from tests.conftest import private_store  # chdir: the cached loader's data/cache/, the report's reports/
 
 CLASSES = {"circles", "squares", "stripes"}
 
@@ -285,4 +285,5 @@ def test_importances_with_pruned_trials_use_the_epochs_every_trial_reached():
     assert math.isclose(sum(values.values()), 1.0, abs_tol=1e-6)
     lone = optuna.create_study(direction="maximize")  # one completed trial, nothing pruned: no variance to split
     lone.add_trial(study.trials[0])
-    assert importances(lone) == ({}, "not computed: needs at least 2 scored trials (the objective of the completed trials (1))")
+    assert importances(lone) == ({}, "not computed: needs at least 2 scored trials "
+                                     "(the objective of the completed trials (1))")

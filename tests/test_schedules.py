@@ -200,7 +200,8 @@ def test_head_lr_scale_must_be_positive():
 
 
 def test_layer_decay_uses_timm_groups_and_stacks_with_the_head_scale():
-    """timm's layer-wise decay: the stem trains slowest, the trunk's top layer at the base lr, the head at head_lr_scale."""
+    """timm's layer-wise decay: the stem trains slowest, the trunk's top layer at the base lr,
+    the head at head_lr_scale."""
     from research.models import build_model
 
     model = build_model("efficientnet_lite0", num_classes=3)

@@ -57,7 +57,8 @@ def clean_dir(tmp_path) -> Path:
             img.save(root / cls / f"{k:02d}.png")
             img.resize((36, 36)).convert("RGBA").save(root / cls / f"{k:02d}_big.png")
             for name in (f"{k:02d}.png", f"{k:02d}_big.png"):
-                rows.append({"path": f"{cls}/{name}", "class": cls, "group": group, "emoji": f"{cls}-e{k % 3}", "is_photo": 0})
+                rows.append({"path": f"{cls}/{name}", "class": cls, "group": group, "emoji": f"{cls}-e{k % 3}",
+                             "is_photo": 0})
     return write_clean_dir(root, tmp_path / "clean", rows)
 
 

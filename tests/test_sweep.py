@@ -11,8 +11,8 @@ import optuna
 import pytest
 
 from research import config as config_mod
-from research.config import ConfigError
 from research import registry
+from research.config import ConfigError
 from research.sweep import SweepSpec, load_spec, make_storage, promote_command, sweep
 
 SWEEPS = sorted((Path(__file__).resolve().parent.parent / "sweeps").glob("*.yaml"))

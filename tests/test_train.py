@@ -45,7 +45,8 @@ def test_two_epoch_run_logs_params_metrics_artifacts(tiny_version, mlflow_store,
     assert {"git_commit", "host", "device"} <= set(run.data.tags)
     arts = artifact_paths(client, result.run_id)
     for name in ("config.yaml", "confusion_matrix.png", "confusion_matrix_val.png", "classification_report_val.csv",
-                 "classification_report_test.csv", "confusion_matrix_test.csv", "checkpoint/best.pt", "model_meta.json"):
+                 "classification_report_test.csv", "confusion_matrix_test.csv", "checkpoint/best.pt",
+                 "model_meta.json"):
         assert name in arts, (name, arts)
     inputs = run.inputs.dataset_inputs
     assert {i.dataset.digest for i in inputs}  # the version's mlflow.data datasets
@@ -164,7 +165,8 @@ def test_freeze_epochs_hold_the_trunk_and_its_batch_norm_then_release_it(tiny_ve
         import gc
 
         for obj in gc.get_objects():  # the live model of this run
-            if isinstance(obj, models.TrunkHead) and obj.trunk.bn1.running_mean.shape == reference["bn1.running_mean"].shape:
+            if (isinstance(obj, models.TrunkHead)
+                    and obj.trunk.bn1.running_mean.shape == reference["bn1.running_mean"].shape):
                 seen[epoch] = {k: v.clone() for k, v in obj.trunk.state_dict().items()}
 
     train(lite_cfg(tiny_version, tmp_path, epochs=2, freeze_epochs=1, layer_decay=0.8, head_lr_scale=5.0),

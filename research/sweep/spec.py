@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +32,25 @@ class ParamSpec:
             if not self.choices:
                 raise ConfigError("a categorical parameter needs a non-empty `choices` list.")
             return
-        if self.low is None or self.high is None or self.low > self.high:
+        if self.low is None or self.high is None or not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ConfigError(f"{self.type} parameter needs finite low and high "
+                              f"(got low={self.low}, high={self.high}).")
+        if self.low > self.high:
             raise ConfigError(f"{self.type} parameter needs low <= high (got low={self.low}, high={self.high}).")
         if self.log and self.low <= 0:
             raise ConfigError(f"log-scale parameter needs low > 0 (got {self.low}).")
 
-    def probe(self) -> Any:
-        """One value of the distribution, to check that the trainer accepts the key."""
+    def probes(self) -> list[Any]:
+        """Every choice, or both bounds: the values the trainer must accept before a study starts."""
         if self.type == "categorical":
-            return self.choices[0]
-        return self.low if self.type == "float" else int(self.low)
+            return list(self.choices)
+        cast = float if self.type == "float" else int
+        return [cast(self.low), cast(self.high)]
+
+    def contains(self, value: Any) -> bool:
+        if self.type == "categorical":
+            return value in self.choices
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
 
 
 @dataclasses.dataclass
@@ -105,17 +115,28 @@ class SweepSpec:
                       for k, v in self.space.items()}
         base = base_config(self)
         for key, param in self.space.items():
-            try:
-                config_mod.replace(base, **nest({key: param.probe()}))
-            except ConfigError as exc:
-                raise ConfigError(f"space.{key}: {exc}") from exc
+            for value in param.probes():
+                try:
+                    config_mod.replace(base, **nest({key: value}))
+                except ConfigError as exc:
+                    raise ConfigError(f"space.{key} = {value!r}: {exc}") from exc
         for i, params in enumerate(self.enqueue):
             unknown = sorted(set(params) - set(self.space))
             if unknown:
                 raise ConfigError(f"enqueue[{i}]: {', '.join(unknown)} not in the search space; enqueue only sets "
                                   f"searched parameters ({', '.join(self.space) or 'none'}).")
+            outside = [f"{k}={v!r}" for k, v in params.items() if not self.space[k].contains(v)]
+            if outside:
+                raise ConfigError(f"enqueue[{i}]: {', '.join(outside)} outside the search space; widen the space "
+                                  "or change the enqueued value.")
         if self.n_trials <= 0:
             raise ConfigError(f"n_trials={self.n_trials} must be > 0.")
+        if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ConfigError(f"timeout={self.timeout} must be a positive number of seconds, or null (no limit).")
+        for key in ("heartbeat_interval", "heartbeat_grace"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{key}={value} must be a positive number of seconds.")
         if self.heartbeat_grace <= self.heartbeat_interval:
             raise ConfigError("heartbeat_grace must be larger than heartbeat_interval (e.g. 60 and 10).")
 

@@ -118,7 +118,8 @@ def tiny_train_config(version: Path, checkpoint_dir: Path, **changes) -> dict:
     }
 
 
-def tiny_sweep_spec(version: Path, checkpoint_dir: Path, study_name: str, n_trials: int, epochs: int, **changes) -> dict:
+def tiny_sweep_spec(version: Path, checkpoint_dir: Path, study_name: str, n_trials: int, epochs: int,
+                    **changes) -> dict:
     """A sweep spec over the tiny version: lr x sampler, random sampler, no pruning, 1 s heartbeats."""
     return {
         "study_name": study_name, "n_trials": n_trials,

@@ -84,3 +84,44 @@ def test_sweep_spec_errors(case, cli, tiny_version, tmp_path):
     out = cli("sweep", path, "--storage", f"journal:{tmp_path / 'bad.journal'}")
     assert_config_error(out, needles)
     assert not (tmp_path / "bad.journal").exists()  # rejected before the study storage is touched
+
+
+# NaN and inf pass every `<` and `>`: each float key refuses them by name, before anything runs
+NONSENSE = {"lr": ".nan", "momentum": ".inf", "weight_decay": ".nan", "grad_clip": "-.inf", "seed": "-1",
+            "augment.mixup": ".nan"}
+
+
+@pytest.mark.parametrize("key", list(NONSENSE))
+def test_nan_inf_and_negative_values_are_refused(key):
+    from research import config as config_mod
+    from research.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=key.split(".")[-1]):
+        config_mod.load(TrainConfig, None, config_mod.parse_overrides([f"{key}={NONSENSE[key]}"]))
+
+
+def spec_with(tmp_path, **changes):
+    spec = {"study_name": "s", "n_trials": 2, "base": {"dataset": "v3", "model": "resnet18", "image_size": 32},
+            "space": {"sampler": {"type": "categorical", "choices": ["shuffle", "sqrt"]}}} | changes
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"space": {"sampler": {"type": "categorical", "choices": ["shuffle", "bogus"]}}}, "space.sampler = 'bogus'"),
+    ({"space": {"lr": {"type": "float", "low": 1e-3, "high": -1.0}}}, "low <= high"),
+    ({"space": {"lr": {"type": "float", "low": float("nan"), "high": 1.0}}}, "finite low and high"),
+    ({"space": {"label_smoothing": {"type": "float", "low": 0.0, "high": 1.5}}}, "space.label_smoothing = 1.5"),
+    ({"timeout": -5}, "timeout=-5"),
+    ({"heartbeat_grace": float("nan")}, "heartbeat_grace=nan"),
+    ({"enqueue": [{"sampler": "weighted"}]}, "outside the search space"),
+])
+def test_a_sweep_spec_is_checked_in_full_before_any_storage_or_run(changes, needle, tmp_path):
+    """Every choice and both bounds are tried against TrainConfig when the spec loads, not at trial time."""
+    from research.config import ConfigError
+    from research.sweep import load_spec
+
+    with pytest.raises(ConfigError, match=None) as err:
+        load_spec(spec_with(tmp_path, **changes))
+    assert needle in str(err.value)

@@ -80,7 +80,7 @@ def test_four_workers_finish_exactly_n_trials(storage, tiny_version, mlflow_stor
     wall = time.perf_counter() - t0
     logs = {p.pid: tail(p.log_path, 1_000_000) for p in workers}
     assert codes == [0] * N_WORKERS, {pid: log[-2000:] for pid, log in logs.items()}
-    for pid, log in logs.items():
+    for _, log in logs.items():
         assert "database is locked" not in log, log[-3000:]
         assert "Traceback" not in log, log[-3000:]
 
