@@ -61,7 +61,8 @@ def test_ctrl_c_in_sweep_then_rerun_resumes_the_study(tiny_version, mlflow_store
     work.mkdir()
     storage = f"journal:{tmp_path / 'study.journal'}"
     spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(tiny_sweep_spec(tiny_version, tmp_path / "ckpt", "ctrlc", 2, epochs=20)))
+    # long trials: the Ctrl-C must land while one runs, whatever the machine's speed (a tiny epoch takes ~0.1 s)
+    spec_path.write_text(yaml.safe_dump(tiny_sweep_spec(tiny_version, tmp_path / "ckpt", "ctrlc", 2, epochs=500)))
     proc = start_cli("sweep", spec_path, "--storage", storage, cwd=work, env=cli_env(), log=tmp_path / "sweep.log")
     study = None
     try:
