@@ -29,7 +29,7 @@ def step(name: str) -> None:
     console.rule(f"[bold]{name}")
 
 
-def demo(workers: int | None = None, spec_path: Path = SPEC, predict_n: int = 6) -> dict:
+def demo(workers: int | None = None, spec_path: Path = SPEC, predict_n: int = 12) -> dict:
     from research.data.clean import clean
     from research.data.emoji import build_dataset
     from research.data.split import build_version
@@ -89,10 +89,12 @@ def demo(workers: int | None = None, spec_path: Path = SPEC, predict_n: int = 6)
     from research.data.versions import load_version
 
     test = load_version("v3", VERSIONS).split_frame("test")
-    files = [Path(f) for f in test.groupby("class").head(1)["file"].head(predict_n)]
+    # a seeded random sample: every class, artist and style as often as the test split holds them
+    sample = test.sample(n=min(predict_n, len(test)), random_state=0)
+    files = [Path(f) for f in sample["file"]]
     model = load_model(promotion.uri)
     preds = predict_files(model, files)
-    preds.insert(1, "true", list(test.groupby("class").head(1)["class"].head(predict_n)))
+    preds.insert(1, "true", list(sample["class"]))
     table = Table(title=f"{promotion.uri} on {len(files)} test images")
     for col in ("file", "true", "label", "probability"):
         table.add_column(col)
@@ -117,17 +119,19 @@ def summary_text(cleaned, notes, spec, summary, promotion, right, shown, version
         ("photo detection", f"F1 {photo_f1:.3f} ({cleaned.get('method')}, {cleaned.get('features')} features)"
          if photo_f1 is not None else "n/a"),
         ("study", f"{spec.study_name}: {counts}"),
-        ("best trial", f"#{summary.get('best_trial')}: val macro F1 {summary.get('best_value', float('nan')):.3f} "
-                       f"({params})"),
-        ("champion", f"{promotion.uri} = version {promotion.version}, test macro F1 "
-                     + (f"{test_f1:.3f}" if test_f1 is not None else "n/a")),
-        ("sample predictions", f"{right} of {shown} right"),
-        ("data", f"{RAW}/  {EDA}/  {CLEAN}/  {version_dir}/"),
-        ("tracking", f"{tracking.tracking_uri()}  (studies: mlruns/optuna.journal)"),
-        ("wall time", f"{total:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")"),
-        ("next", "python -m research ui    # the MLflow UI on http://127.0.0.1:5000"),
+        ("best trial", f"#{summary.get('best_trial')}, val macro F1 {summary.get('best_value', float('nan')):.3f}"),
+        ("", params),
+        ("champion", f"{promotion.uri}, version {promotion.version}"),
+        ("", "test macro F1 " + (f"{test_f1:.3f}" if test_f1 is not None else "n/a")),
+        ("sample predictions", f"{right} of {shown} right (a random sample of the test split)"),
+        ("data", f"{RAW}/, {CLEAN}/, {version_dir}/"),
+        ("eda", f"{EDA}/"),
+        ("tracking", tracking.tracking_uri()),
+        ("wall time", f"{total:.0f} s"),
+        ("", ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())),
+        ("next", "python -m research ui"),
         ("", "python -m research predict data/versions/v3/test/heart"),
-        ("", "python -m research sweep sweeps/transfer_cpu.yaml    # fine-tune the trunk (about an hour)"),
+        ("", "python -m research sweep sweeps/transfer_cpu.yaml"),
     ]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {text}" for label, text in rows)

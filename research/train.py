@@ -13,12 +13,9 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import shutil
-import signal
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,27 +29,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from research import checkpoints, models, runlog, tracking
 from research import config as config_mod
-from research import models, tracking
 from research.config import ConfigError, TrainConfig
 from research.data.loaders import Loaders, build_loaders
 from research.data.versions import Version, load_version, mlflow_dataset
 from research.losses import build_loss
-from research.metrics import (
-    classification_metrics,
-    classification_report_frame,
-    confusion_matrix_figure,
-    confusion_matrix_frame,
-)
+from research.metrics import classification_metrics
 from research.schedules import Schedule, build_optimizer, build_scheduler, layer_decay_scales, param_groups
-from research.serving import model_meta, pip_requirements
+from research.serving import model_meta
 
 console = Console()
 
-EPOCH_METRICS = (
-    "train_loss", "val_loss", "val_accuracy", "val_precision_macro", "val_recall_macro", "val_f1_macro",
-    "lr", "epoch_seconds", "total_seconds",
-)
 PARAM_NAMES = {"dataset": "dataset_version"}  # config field -> the MLflow param name users know
 
 
@@ -137,8 +125,8 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[int, dict[str, float]], None]
 
 def resume(ref: str, checkpoint_root: str | None = None, **kwargs) -> TrainResult:
     """Continue an interrupted run in the same MLflow run from its last finished epoch."""
-    ckdir, run_id = find_checkpoint(ref, checkpoint_root)
-    checkpoint = load_checkpoint(ckdir / "last.pt")
+    ckdir, run_id = checkpoints.find_checkpoint(ref, checkpoint_root)
+    checkpoint = checkpoints.load_checkpoint(ckdir / "last.pt")
     cfg = config_mod.from_dict(TrainConfig, checkpoint["config"])
     tracking.setup()
     tracking.check_reachable()
@@ -153,12 +141,12 @@ def resume(ref: str, checkpoint_root: str | None = None, **kwargs) -> TrainResul
     parts = build_parts(cfg)
     state = restore(parts, checkpoint)
     with tracked_run(parts.cfg, run_id=run_id, parent_run_id=kwargs.pop("parent_run_id", None)) as run_id:
-        _log_missing_epochs(mlflow.MlflowClient(), run_id, state.history)
+        runlog.log_missing_epochs(mlflow.MlflowClient(), run_id, state.history)
         return _train_in_run(parts, state, run_id, kwargs.get("on_start"), kwargs.get("on_epoch"))
 
 
 def _train_in_run(parts: Parts, state: TrainState, run_id: str, on_start, on_epoch) -> TrainResult:
-    ckdir = checkpoint_dir(parts.cfg, run_id)
+    ckdir = checkpoints.checkpoint_dir(parts.cfg.checkpoint_dir, run_id)
     ckdir.mkdir(parents=True, exist_ok=True)
     if on_start is not None:
         on_start(run_id)
@@ -218,12 +206,12 @@ def fit(parts: Parts, state: TrainState, ckdir: Path, run_id: str, on_epoch) -> 
             state.epoch, state.total_seconds = epoch, row["total_seconds"]
             if row["val_f1_macro"] > state.best_val_f1:
                 state.best_val_f1, state.best_epoch, state.stale = row["val_f1_macro"], epoch, 0
-                atomic_save(parts.kept_weights(), ckdir / "best.pt")
+                checkpoints.atomic_save(parts.kept_weights(), ckdir / "best.pt")
             else:
                 state.stale += 1
-            atomic_save(checkpoint(parts, state, run_id), ckdir / "last.pt")
-            with _hold_ctrl_c():
-                _log_epoch(client, run_id, row)
+            checkpoints.atomic_save(checkpoint(parts, state, run_id), ckdir / "last.pt")
+            with runlog.hold_ctrl_c():
+                runlog.log_epoch(client, run_id, row)
             table.print(row)
             if on_epoch is not None:
                 on_epoch(epoch, row)
@@ -290,7 +278,7 @@ def train_one_epoch(parts: Parts, epoch: int, progress: Progress) -> float:
 
 def finish(parts: Parts, ckdir: Path, best_epoch: int) -> dict[str, float]:
     """Best-val weights -> val/test metrics, reports, confusion matrices, the MLflow model."""
-    parts.trained.load_state_dict(load_checkpoint(ckdir / "best.pt", what="best weights"))
+    parts.trained.load_state_dict(checkpoints.load_checkpoint(ckdir / "best.pt", what="best weights"))
     module = parts.trained  # holds the best (EMA) weights now; on stored features, the head
     classes = parts.data.classes
     with tempfile.TemporaryDirectory() as tmp:
@@ -298,7 +286,7 @@ def finish(parts: Parts, ckdir: Path, best_epoch: int) -> dict[str, float]:
         results = {}
         for split, batches in (("val", parts.data.val), ("test", parts.data.test)):
             results[split] = evaluate(module, batches, parts.device, parts.cfg.amp, len(classes))
-            write_split_reports(results[split], classes, split, parts.version.name, tmp)
+            runlog.write_split_reports(results[split], classes, split, parts.version.name, tmp)
         (tmp / "confusion_matrix.png").write_bytes((tmp / "confusion_matrix_test.png").read_bytes())
         meta = model_meta(classes=classes, **parts.prep.as_dict(), model=parts.cfg.model,
                           dataset_version=parts.version.name, dataset_digest=parts.version.digest,
@@ -307,9 +295,9 @@ def finish(parts: Parts, ckdir: Path, best_epoch: int) -> dict[str, float]:
         for f in sorted(tmp.iterdir()):
             mlflow.log_artifact(str(f))
         mlflow.log_artifact(str(ckdir / "best.pt"), artifact_path="checkpoint")
-        metrics = test_metrics(results["test"], classes) | {"best_epoch": float(best_epoch)}
+        metrics = runlog.test_metrics(results["test"], classes) | {"best_epoch": float(best_epoch)}
         mlflow.log_metrics(metrics)
-        log_torch_model(models_unwrap(parts.model), parts.prep.image_size, tmp / "model_meta.json")
+        runlog.log_torch_model(models_unwrap(parts.model), parts.prep.image_size, tmp / "model_meta.json")
     return metrics
 
 
@@ -392,7 +380,7 @@ def tracked_run(cfg: TrainConfig, *, run_id: str | None = None, parent_run_id: s
         tags=None if run_id else {**tracking.run_tags(), **(tags or {})}, log_system_metrics=_has_psutil(),
     )
     run_id = active.info.run_id
-    ckdir = checkpoint_dir(cfg, run_id)
+    ckdir = checkpoints.checkpoint_dir(cfg.checkpoint_dir, run_id)
     try:
         yield run_id
     except KeyboardInterrupt:
@@ -425,7 +413,7 @@ def _has_psutil() -> bool:
 def log_run_inputs(parts: Parts, run_id: str) -> None:
     """Params (the resolved config, the preprocessing, the data's identity), config.yaml, datasets."""
     cfg, version = parts.cfg, parts.version
-    ckdir = checkpoint_dir(cfg, run_id)
+    ckdir = checkpoints.checkpoint_dir(cfg.checkpoint_dir, run_id)
     ckdir.mkdir(parents=True, exist_ok=True)
     config_mod.save(cfg, ckdir / "config.yaml")
     prep = {f"preprocess.{k}": v for k, v in parts.prep.as_dict().items() if k != "image_size"}
@@ -434,90 +422,7 @@ def log_run_inputs(parts: Parts, run_id: str) -> None:
                                                  "num_classes": len(parts.data.classes)})
     mlflow.log_artifact(str(ckdir / "config.yaml"))
     for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
-        _log_input(mlflow_dataset(version, split), context)
-
-
-def _log_input(dataset, context: str, attempts: int = 4) -> None:
-    """mlflow.log_input, retried: workers starting together race on MLflow's get-or-create of the same
-    dataset row (sqlite/PostgreSQL UNIQUE constraint on experiment, name, digest); a retry finds the row."""
-    for attempt in range(attempts):
-        try:
-            mlflow.log_input(dataset, context=context)
-            return
-        except mlflow.exceptions.MlflowException:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.2 * (attempt + 1) + random.Random().random() * 0.2)  # own RNG: the seeded one stays untouched
-
-
-def _log_epoch(client, run_id: str, row: dict[str, float]) -> None:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(row[k]), now, int(row["epoch"])) for k in EPOCH_METRICS])
-
-
-def _log_missing_epochs(client, run_id: str, history: list[dict[str, float]]) -> None:
-    """Log checkpointed epochs that never reached MLflow (a kill between checkpoint and log)."""
-    logged = {m.step for m in client.get_metric_history(run_id, "val_f1_macro")}
-    for row in history:
-        if int(row["epoch"]) not in logged:
-            _log_epoch(client, run_id, row)
-
-
-@contextlib.contextmanager
-def _hold_ctrl_c():
-    """Delay Ctrl-C until an MLflow write is done: a KeyboardInterrupt inside SQLAlchemy can leave the
-    sqlite store's connection mid-transaction ("database is locked"), and the run could not be ended."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
-
-
-def test_metrics(result: dict[str, Any], classes: list[str]) -> dict[str, float]:
-    metrics = {f"test_{k}": float(result[k]) for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro")}
-    for name, value in zip(classes, result["per_class_f1"]):
-        metrics[f"test_f1_{_metric_safe(name)}"] = float(value)
-    return metrics
-
-
-def write_split_reports(result: dict[str, Any], classes: list[str], split: str, version_name: str, out: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    y_true, y_pred = result["y_true"], result["y_pred"]
-    classification_report_frame(y_true, y_pred, classes).to_csv(out / f"classification_report_{split}.csv", index=False)
-    confusion_matrix_frame(y_true, y_pred, classes).to_csv(out / f"confusion_matrix_{split}.csv")
-    fig = confusion_matrix_figure(y_true, y_pred, classes, f"{split} ({version_name})")
-    fig.savefig(out / f"confusion_matrix_{split}.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def _metric_safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_./ " else "_" for c in name)
-
-
-def log_torch_model(model: torch.nn.Module, image_size: int, meta_file: Path) -> None:
-    """The best-val module as an MLflow pytorch model `model` (pickle format: it can be fine-tuned)."""
-    from mlflow.models import infer_signature
-
-    model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
-    example = np.zeros((1, 3, image_size, image_size), dtype=np.float32)
-    with torch.no_grad():
-        out = model(torch.from_numpy(example)).numpy()
-    # a signature, no input example: at 224 px the example alone is a 1 MB JSON per run
-    mlflow.pytorch.log_model(
-        model, name="model", serialization_format="pickle", pip_requirements=pip_requirements(),
-        signature=infer_signature(example, out), extra_files=[str(meta_file)],
-        code_paths=[str(Path(__file__).resolve().parent)],
-    )
+        runlog.log_input(mlflow_dataset(version, split), context)
 
 
 # -------------------------------------------------------------------------------- evaluation
@@ -594,64 +499,14 @@ def print_start(parts: Parts, run_id: str, state: TrainState) -> None:
 
 # ---------------------------------------------------------------------------------- checkpoints
 
-def checkpoint_dir(cfg: TrainConfig, run_id: str) -> Path:
-    return Path(cfg.checkpoint_dir) / run_id
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def rng_state() -> dict[str, Any]:
-    """Every generator's state as tensors and plain values, so a checkpoint loads with weights_only."""
-    np_state = np.random.get_state(legacy=False)
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"state": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                       "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                       "gauss": float(np_state["gauss"])}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def checkpoint(parts: Parts, state: TrainState, run_id: str) -> dict[str, Any]:
     """Everything `resume` needs, config included, as tensors and plain containers."""
     return {
         "model": parts.trained.state_dict(), "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(), "ema": parts.ema.state_dict() if parts.ema is not None else None,
-        "state": dataclasses.asdict(state), "rng": rng_state(), "config": config_mod.to_dict(parts.cfg),
+        "state": dataclasses.asdict(state), "rng": checkpoints.rng_state(), "config": config_mod.to_dict(parts.cfg),
         "run_id": run_id, "classes": list(parts.data.classes),
     }
-
-
-def load_checkpoint(path: Path, what: str = "checkpoint") -> dict[str, Any]:
-    """torch.load with weights_only: a checkpoint is data (tensors, plain containers), never code."""
-    if not path.is_file():
-        raise ConfigError(f"No {what} at {path}: the run was interrupted before its first epoch finished; "
-                          "start a new training instead.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, random, empty, or holding objects that are not plain data
-        raise ConfigError(f"{path} is not a readable {what} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                          "it may be truncated or not written by this trainer. Start a new training, or restore "
-                          "the file from a backup.") from None
 
 
 def restore(parts: Parts, ck: dict[str, Any]) -> TrainState:
@@ -660,27 +515,8 @@ def restore(parts: Parts, ck: dict[str, Any]) -> TrainState:
     parts.scheduler.load_state_dict(ck["scheduler"])
     if parts.ema is not None and ck.get("ema") is not None:
         parts.ema.load_state_dict(ck["ema"])
-    set_rng_state(ck["rng"])
+    checkpoints.set_rng_state(ck["rng"])
     return TrainState(**ck["state"])
-
-
-def find_checkpoint(ref: str, checkpoint_root: str | None = None) -> tuple[Path, str]:
-    """A run id or a checkpoint path -> (checkpoint dir, run id)."""
-    if not str(ref).strip():
-        raise ConfigError("--resume needs a run id or a checkpoint path, got an empty value (an unset shell "
-                          "variable?). List interrupted runs with `python -m research runs`.")
-    path = Path(ref)
-    if path.is_file():
-        return path.parent, path.parent.name
-    if path.is_dir():
-        return path, path.name
-    root = Path(checkpoint_root or TrainConfig().checkpoint_dir)
-    if (root / ref).is_dir():
-        return root / ref, ref
-    raise ConfigError(
-        f"No checkpoint for {ref!r} under {root}/. Pass the run id of a run that was interrupted "
-        f"(its checkpoints live in {root}/<run_id>/) or a path to its last.pt."
-    )
 
 
 # ---------------------------------------------------------------------------------------- CLI

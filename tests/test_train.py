@@ -7,7 +7,8 @@ import pytest
 
 from research import config as config_mod
 from research.config import ConfigError, TrainConfig
-from research.train import EPOCH_METRICS, resume, train
+from research.runlog import EPOCH_METRICS
+from research.train import resume, train
 
 REQUIRED_PARAMS = ("model", "dataset_version", "dataset_digest", "batch_size", "lr", "lr_schedule", "loss",
                    "sampler", "epochs", "image_size", "seed", "optimizer")

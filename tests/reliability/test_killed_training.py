@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from research.train import EPOCH_METRICS
+from research.runlog import EPOCH_METRICS
 from tests.reliability import cli_env, kill, run_cli, start_cli, tail, tiny_train_config, wait_for
 
 pytestmark = pytest.mark.slow

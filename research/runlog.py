@@ -1,0 +1,106 @@
+"""What one training run writes to MLflow besides its params: epochs, reports, the model."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+
+from research.metrics import classification_report_frame, confusion_matrix_figure, confusion_matrix_frame
+from research.serving import pip_requirements
+
+EPOCH_METRICS = (
+    "train_loss", "val_loss", "val_accuracy", "val_precision_macro", "val_recall_macro", "val_f1_macro",
+    "lr", "epoch_seconds", "total_seconds",
+)
+
+
+def log_input(dataset, context: str, attempts: int = 4) -> None:
+    """mlflow.log_input, retried: workers starting together race on MLflow's get-or-create of the same
+    dataset row (sqlite/PostgreSQL UNIQUE constraint on experiment, name, digest); a retry finds the row."""
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except mlflow.exceptions.MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1) + random.Random().random() * 0.2)  # own RNG: the seeded one stays untouched
+
+
+def log_epoch(client, run_id: str, row: dict[str, float]) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(row[k]), now, int(row["epoch"])) for k in EPOCH_METRICS])
+
+
+def log_missing_epochs(client, run_id: str, history: list[dict[str, float]]) -> None:
+    """Log checkpointed epochs that never reached MLflow (a kill between checkpoint and log)."""
+    logged = {m.step for m in client.get_metric_history(run_id, "val_f1_macro")}
+    for row in history:
+        if int(row["epoch"]) not in logged:
+            log_epoch(client, run_id, row)
+
+
+@contextlib.contextmanager
+def hold_ctrl_c():
+    """Delay Ctrl-C until an MLflow write is done: a KeyboardInterrupt inside SQLAlchemy can leave the
+    sqlite store's connection mid-transaction ("database is locked"), and the run could not be ended."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def test_metrics(result: dict[str, Any], classes: list[str]) -> dict[str, float]:
+    metrics = {f"test_{k}": float(result[k]) for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro")}
+    for name, value in zip(classes, result["per_class_f1"]):
+        metrics[f"test_f1_{metric_safe(name)}"] = float(value)
+    return metrics
+
+
+def write_split_reports(result: dict[str, Any], classes: list[str], split: str, version_name: str, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    y_true, y_pred = result["y_true"], result["y_pred"]
+    classification_report_frame(y_true, y_pred, classes).to_csv(out / f"classification_report_{split}.csv", index=False)
+    confusion_matrix_frame(y_true, y_pred, classes).to_csv(out / f"confusion_matrix_{split}.csv")
+    fig = confusion_matrix_figure(y_true, y_pred, classes, f"{split} ({version_name})")
+    fig.savefig(out / f"confusion_matrix_{split}.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def metric_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_./ " else "_" for c in name)
+
+
+def log_torch_model(model: torch.nn.Module, image_size: int, meta_file: Path) -> None:
+    """The best-val module as an MLflow pytorch model `model` (pickle format: it can be fine-tuned)."""
+    from mlflow.models import infer_signature
+
+    model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
+    example = np.zeros((1, 3, image_size, image_size), dtype=np.float32)
+    with torch.no_grad():
+        out = model(torch.from_numpy(example)).numpy()
+    # a signature, no input example: at 224 px the example alone is a 1 MB JSON per run
+    mlflow.pytorch.log_model(
+        model, name="model", serialization_format="pickle", pip_requirements=pip_requirements(),
+        signature=infer_signature(example, out), extra_files=[str(meta_file)],
+        code_paths=[str(Path(__file__).resolve().parent)],
+    )
