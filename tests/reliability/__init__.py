@@ -49,8 +49,10 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: f
 def start_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen:
     """Start `python -m research ARGS` in its own process group; stdout+stderr go to `log` (or /dev/null)."""
     fh = open(log, "w") if log else subprocess.DEVNULL
+    # SIGINT back to its default in the child: a suite started in the background by a non-interactive shell
+    # inherits SIGINT ignored (POSIX), and then the Ctrl-C tests' signals would never arrive
     proc = subprocess.Popen(research_cmd(*args), cwd=cwd, env=env or cli_env(), stdout=fh, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.log_path = log  # type: ignore[attr-defined]
     return proc
 
