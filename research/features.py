@@ -118,7 +118,7 @@ class FeatureTrainStream:
     """Batches of stored training features in the epoch's sampler order; one view per image per epoch."""
 
     def __init__(self, features: np.ndarray, labels: np.ndarray, cfg: TrainConfig, device: torch.device) -> None:
-        self.features = torch.from_numpy(np.ascontiguousarray(features))  # [V, N, D], small enough for memory
+        self.features = torch.from_numpy(np.array(features))  # [V, N, D]: a writable copy in memory (it is small)
         self.labels = labels
         self.targets = torch.as_tensor(labels, dtype=torch.long)
         self.cfg, self.device = cfg, device
@@ -136,7 +136,7 @@ class FeatureTrainStream:
 
 class FeatureEvalBatches:
     def __init__(self, features: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device) -> None:
-        self.features = torch.from_numpy(np.ascontiguousarray(features))
+        self.features = torch.from_numpy(np.array(features))
         self.targets = torch.as_tensor(labels, dtype=torch.long)
         self.batch_size, self.device = batch_size, device
 
