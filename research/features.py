@@ -83,7 +83,7 @@ def ensure_features(version, model: torch.nn.Module, prep: Preprocessing, cfg: T
     path = Path(cache_root) / "features" / f"{version.name}-{cfg.model.replace(':', '_')}-{digest}"
     images = cache_mod.ensure_cache(version, prep.image_size, cache_root, interpolation=prep.interpolation)
     built = False
-    with cache_mod._lock(path):  # one builder across sweep workers
+    with cache_mod.build_lock(path):  # one builder across sweep workers
         if not (path / "key.json").is_file():
             _build(path, key, images, trunk, device, prep, cfg)
             built = True

@@ -180,9 +180,22 @@ def test_freeze_epochs_hold_the_trunk_and_its_batch_norm_then_release_it(tiny_ve
 
 
 def test_ema_weights_are_the_ones_evaluated_and_logged(tiny_version, mlflow_store, tmp_path):
+    """With ema_decay the kept checkpoint is the EMA's (not the raw weights), and the logged model holds it."""
+    import torch
+
+    def kept_head(run_id: str) -> dict:
+        uri = f"runs:/{run_id}/checkpoint/best.pt"
+        path = mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / run_id))
+        return torch.load(path, weights_only=True)
+
     result = train(lite_cfg(tiny_version, tmp_path, epochs=2, ema_decay=0.9, loader="features"))
+    plain = train(lite_cfg(tiny_version, tmp_path, epochs=2, loader="features"))
     run = mlflow.MlflowClient().get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.params["ema_decay"] == "0.9"
+    ema, raw = kept_head(result.run_id), kept_head(plain.run_id)
+    assert ema.keys() == raw.keys() and not torch.equal(ema["weight"], raw["weight"])  # same seed, other weights
+    logged = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model").head.state_dict()
+    assert all(torch.equal(logged[k], ema[k]) for k in ema)
 
 
 def test_a_checkpoint_is_data_not_code(tiny_version, mlflow_store, tmp_path):

@@ -19,9 +19,7 @@ cache of the same version and size are different directories.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -36,7 +34,7 @@ from PIL import Image
 from research.config import ConfigError
 from research.data import image
 from research.data.image import SPLITS
-from research.data.pool import pmap
+from research.data.pool import file_lock, pmap
 
 CACHE_FORMAT = 2  # bump when the decode rule or the layout changes: old caches are then rebuilt
 CHUNK = 64  # images per worker task
@@ -200,16 +198,9 @@ def _build(path: Path, version, size: int, expected: dict[str, Any], workers: in
     os.replace(tmp, path / "meta.json")
 
 
-@contextlib.contextmanager
-def _lock(path: Path):
+def build_lock(path: Path):
     """One builder per cache directory across processes (parallel sweep workers share caches)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return file_lock(path.with_name(path.name + ".lock"))
 
 
 def ensure_cache(version, size: int, root: str | Path = "data/cache", workers: int | None = None,
@@ -218,7 +209,7 @@ def ensure_cache(version, size: int, root: str | Path = "data/cache", workers: i
     path = cache_dir(version, size, root, interpolation)
     expected = _expected(version, size, interpolation)
     built, seconds = False, 0.0
-    with _lock(path):
+    with build_lock(path):
         reason = check(path, expected)
         if reason is not None:
             if path.exists() and progress:

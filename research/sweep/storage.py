@@ -14,7 +14,6 @@ own heartbeat exists only for RDB storage).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import threading
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from rich.console import Console
 
 from research import tracking
 from research.config import ConfigError, TrainConfig
+from research.data.pool import file_lock
 from research.sweep.spec import SweepSpec
 
 console = Console()
@@ -73,12 +73,8 @@ def slot_lock(url: str | None, key: str = ""):
         return
     # not "<journal>.lock": that is the name of Optuna's own journal lock (a symlink); a regular file
     # there blocks every journal write for its 30 s grace period, then Optuna deletes it under us
-    with open(path.with_name(path.name + ".slots.lock"), "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(path.with_name(path.name + ".slots.lock")):
+        yield
 
 
 @contextlib.contextmanager
