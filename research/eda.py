@@ -8,6 +8,7 @@
 - `formats.csv`: count of images per (format, mode), also printed as a rich table;
 - `summary.json`: counts, imbalance ratio, size quantiles, unreadable files.
 
+`--out` may be neither inside DIR nor another stage's folder (`outputs.check_folder`).
 Everything is read through `scan` (read only) and logged as one run of experiment `eda` with
 params `data_dir` and `inventory_digest`, metrics `n_images`, `n_classes`, `imbalance_ratio`.
 """
@@ -24,6 +25,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from research.config import ConfigError
+from research.data import outputs
 
 EXPERIMENT = "eda"
 SAMPLES_PER_CLASS = 10
@@ -192,7 +194,7 @@ def run_eda(root: str | Path, out: str | Path | None = None, seed: int = 0, log:
         raise ConfigError(f"eda: '{root}' is not a folder; pass the root of a class-per-folder tree "
                           "(e.g. data/raw/emoji20, built by `python -m research data build`).")
     out = Path(out) if out else Path("reports/eda") / root.resolve().name
-    out.mkdir(parents=True, exist_ok=True)
+    outputs.check_folder("eda", out, [root])
     inv = scan(root, workers=workers, progress=progress)
     digest = inventory_digest(inv)
     good = inv[(inv["class"] != "") & inv["ok"]]
@@ -200,6 +202,7 @@ def run_eda(root: str | Path, out: str | Path | None = None, seed: int = 0, log:
         raise ConfigError(f"eda: no readable images in class folders under '{root}' "
                           f"({len(inv)} files found); expected <root>/<class>/<image>.")
     summary = summarise(root, inv, digest)
+    outputs.mark(out, "eda")
     plot_class_counts(good["class"].value_counts(), out / "class_counts.png")
     image_grid(sample_rows(root, good, seed), cols=SAMPLES_PER_CLASS, label_w=190).save(out / "samples.png")
     plot_sizes(good, out / "sizes.png")

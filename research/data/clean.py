@@ -4,7 +4,8 @@
 `manifest.csv` (kept files), `quarantine.csv` (removed: path, class, cluster, score, reason),
 `unreadable.csv` (path, error), `clean.json`, `dendrogram.png` (agglomerative), one
 `cluster_<c>.png` sample grid per cluster and `score_hist.png`. Nothing under DIR is written,
-moved or deleted: the outputs are lists of paths relative to DIR.
+moved or deleted: the outputs are lists of paths relative to DIR, and `--out` may be neither inside
+DIR nor another stage's folder (`outputs.check_folder`).
 
 Methods (the seed's three first):
 
@@ -47,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from research.config import ConfigError
+from research.data import outputs
 from research.data import photo_features as pf
 
 METHODS = ("agglomerative", "dbscan", "gmm", "score", "auto")
@@ -123,9 +125,7 @@ def clean(root: str | Path, method: str = "auto", features: str | None = None, k
                           "drop --features or name a method.")
     root = Path(root)
     out = Path(out) if out else Path("data/clean") / root.resolve().name
-    if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
-        raise ConfigError(f"clean: --out {out} lies inside the source {root}; write it elsewhere "
-                          "(the source is never modified).")
+    outputs.check_folder("clean", out, [root])
     data = load(root, workers=workers, progress=progress)
     kw = dict(k=k, seed=seed, max_sample=max_sample, eps=eps, min_samples=min_samples)
     if method == "auto":
@@ -373,7 +373,7 @@ def score_against_labels(is_photo: np.ndarray, quarantined: np.ndarray) -> dict:
 
 def write_outputs(data: Data, result: Result, out: Path, extra: dict | None = None) -> dict:
     """manifest/quarantine/unreadable CSVs, clean.json and the plots for one result."""
-    out.mkdir(parents=True, exist_ok=True)
+    outputs.mark(out, "clean")
     q = result.quarantined
     data.items[~q].to_csv(out / "manifest.csv", index=False)
     quarantine = data.items.loc[q, ["path", "class"]].copy()

@@ -22,7 +22,8 @@ def add_arguments(parser) -> None:
     scan = sub.add_parser("scan", help="inventory of a class-per-folder tree: format, mode, size, hash, readable?",
                           description="One row per file under DIR (class = first folder); never modifies DIR.")
     scan.add_argument("dir", type=Path, help="root of a class-per-folder tree")
-    scan.add_argument("--out", type=Path, default=None, help="write the inventory to this CSV")
+    scan.add_argument("--out", type=Path, default=None,
+                      help="write the inventory to this CSV (outside DIR; an existing file only if it is an inventory)")
     scan.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     scan.add_argument("--show-bad", type=int, default=20, metavar="N", help="list up to N bad files (default: %(default)s)")
 
@@ -42,8 +43,11 @@ def _build(args) -> int:
 
 
 def _scan(args) -> int:
-    from research.data.scan import class_summary, inventory_digest, scan
+    from research.data import outputs
+    from research.data.scan import COLUMNS, class_summary, inventory_digest, scan
 
+    if args.out:
+        outputs.check_file("scan", args.out, [args.dir], header=",".join(COLUMNS))
     start = time.perf_counter()
     df = scan(args.dir, workers=args.workers)
     seconds = time.perf_counter() - start

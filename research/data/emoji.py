@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from research.data import outputs
 from research.data.image import open_rgb
 from research.data.pool import pmap
 
@@ -351,10 +352,12 @@ def build_dataset(out: str | Path = "data/raw/emoji20", seed: int = 0, workers: 
     class (each in up to three styles), for small test builds.
 
     Builds into `<out>.partial` and then swaps it in, so an interrupted build leaves no half
-    dataset. An existing `out` is replaced only if it is a previous build (has labels.csv).
+    dataset. An existing `out` is replaced only if it is a previous build (has labels.csv and
+    ATTRIBUTION.md), and `out` may not lie inside a source tree or another stage's output
+    (`outputs.check_folder`).
     """
     out = Path(out)
-    _check_replaceable(out)
+    outputs.check_folder("build", out)
     items = plan(classes, limit_per_class, seed)
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
@@ -370,14 +373,6 @@ def build_dataset(out: str | Path = "data/raw/emoji20", seed: int = 0, workers: 
         shutil.rmtree(out)
     partial.rename(out)
     return labels
-
-
-def _check_replaceable(out: Path) -> None:
-    if out.exists() and any(out.iterdir()) and not (out / "labels.csv").is_file():
-        from research.config import ConfigError
-
-        raise ConfigError(f"--out {out} exists and is not a previous build (no labels.csv); "
-                          f"choose an empty or new folder")
 
 
 def _render_all(items: list[Item], out: Path, seed: int, workers: int | None, progress: bool) -> list[dict]:

@@ -9,8 +9,10 @@ Steps (each a function below):
    a class with >= 3 groups gets at least one group in every split, fewer is a ConfigError;
 3. balance (training split only): undersample classes above a cap, augment classes below a floor;
    val and test keep the natural distribution;
-4. write into a temp dir next to the target, run `check_leakage`, write manifest.csv and
-   version.json, then rename into place: a failed build leaves nothing half-written.
+4. write into a temp dir next to the target (removing those a killed run left), run `check_leakage`,
+   write manifest.csv and version.json, then rename into place: a failed build leaves nothing
+   half-written. The version name is a plain name, and `outputs.check_folder` keeps the version out
+   of the clean dir and the source tree, and off another stage's output.
 
 The same clean manifest, recipe and seed give the same files, bytes and digest.
 """
@@ -22,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -33,6 +36,7 @@ from PIL import Image
 
 from research import config
 from research.config import ConfigError
+from research.data import outputs
 from research.data.image import SPLITS, open_rgb, to_rgb
 from research.data.offline_augment import OfflineAugment, png_bytes, write_augmented
 from research.data.pool import pmap, workers_for
@@ -489,11 +493,12 @@ def build_version(
         recipe = name if name in shipped_recipes() else "v1"
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    target = Path(out_root) / name
+    target = Path(out_root) / outputs.check_name(name)
+    df, source_root, info = read_clean_dir(clean_dir)
+    outputs.check_folder("split", target, [clean_dir, source_root])
     if target.exists() and not force:
         raise ConfigError(f"Version {target} exists; pick another --version name or pass --force to rebuild it.")
 
-    df, source_root, info = read_clean_dir(clean_dir)
     unknown = sorted(set(recipe.exclude_classes) - set(df["class"]))
     if unknown:
         raise ConfigError(f"exclude_classes names unknown class(es) {unknown}; classes are {sorted(df['class'].unique())}.")
@@ -512,8 +517,8 @@ def build_version(
     df, plan, summary = plan_balance(df, recipe.balance, seed)
 
     tmp = target.parent / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    _remove_stale_temps(target)
+    outputs.mark(tmp, "split")
     try:
         manifest = _write_files(df, plan, source_root, tmp, recipe, seed, workers, progress)
         check_leakage(manifest, tmp, recipe.phash_threshold, workers)
@@ -581,6 +586,17 @@ def _write_files(df, plan, source_root: Path, tmp: Path, recipe: Recipe, seed: i
         dup = manifest.loc[manifest["path"].duplicated(), "path"].iloc[0]
         raise ConfigError(f"Two images would be written to {dup}; rename one of the source files.")
     return manifest.sort_values("path", ignore_index=True)[MANIFEST_COLUMNS]
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """The temp and old folders of this version (`_swap_in`'s names) whose split process is gone, e.g. killed."""
+    import psutil
+
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)")
+    for folder in target.parent.glob(f".{target.name}.*"):
+        found = pattern.fullmatch(folder.name)
+        if found and (int(found[2]) == os.getpid() or not psutil.pid_exists(int(found[2]))):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _swap_in(tmp: Path, target: Path) -> None:

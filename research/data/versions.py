@@ -71,6 +71,11 @@ def load_version(name_or_dir: str | Path, root: str | Path = "data/versions") ->
         raise _not_found(str(name_or_dir), directory)
     info = json.loads((directory / "version.json").read_text())
     manifest = pd.read_csv(directory / "manifest.csv", dtype=str, keep_default_na=False)
+    missing = sorted({"path", "class", "split"} - set(manifest.columns))
+    if missing:
+        raise ConfigError(f"{directory / 'manifest.csv'} is not a dataset version's manifest (no {', '.join(missing)} "
+                          f"column): another command overwrote it. Delete {directory} and rebuild it with "
+                          "`python -m research split`.")
     return Version(
         name=info.get("name", directory.name),
         dir=directory.resolve(),
