@@ -11,7 +11,8 @@ def add_arguments(parser) -> None:
 
     build = sub.add_parser("build", help="build the embedded emoji20 dataset (20 classes, 3 styles + photos)",
                            description="Render the embedded dataset: <out>/<class>/*.png, labels.csv, ATTRIBUTION.md.")
-    build.add_argument("--out", type=Path, default=Path("data/raw/emoji20"), help="output folder (default: %(default)s)")
+    build.add_argument("--out", type=Path, default=Path("data/raw/emoji20"),
+                       help="output folder (default: %(default)s)")
     build.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: %(default)s)")
     build.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     build.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
@@ -25,7 +26,8 @@ def add_arguments(parser) -> None:
     scan.add_argument("--out", type=Path, default=None,
                       help="write the inventory to this CSV (outside DIR; an existing file only if it is an inventory)")
     scan.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
-    scan.add_argument("--show-bad", type=int, default=20, metavar="N", help="list up to N bad files (default: %(default)s)")
+    scan.add_argument("--show-bad", type=int, default=20, metavar="N",
+                      help="list up to N bad files (default: %(default)s)")
 
 
 def run(args) -> int:

@@ -120,9 +120,9 @@ class BatchAugment:
 
     Crop, flip and rotation compose into one affine matrix per sample and run as a single
     bilinear `grid_sample`: the crop is a sub-box of the S x S cached image resized back to S,
-    so it only magnifies and bilinear needs no antialias. A rotation samples the surrounding image where the source has pixels and white
-    (the decode rule's paper) beyond its edge. Work is in float 0..255; the last step is the
-    fused normalisation.
+    so it only magnifies and bilinear needs no antialias. A rotation samples the surrounding image
+    where the source has pixels and white (the decode rule's paper) beyond its edge. Work is in float
+    0..255; the last step is the fused normalisation.
     """
 
     def __init__(self, aug: AugmentConfig, size: int, device: torch.device, mean=IMAGENET_MEAN,
@@ -397,7 +397,8 @@ def folder_dataset(version, split: str, size: int, transform, interpolation: str
             raise ConfigError(f"{root} is missing but the manifest lists {len(paths)} {split} images; "
                               "rebuild the version with `python -m research split ...`.")
         root.mkdir(parents=True, exist_ok=True)  # never happens for a built version; keeps ImageFolder quiet
-    ds = VersionFolder(str(root), loader=partial(cache_mod.load_rgb, size=size, interpolation=interpolation), transform=transform, allow_empty=True)
+    ds = VersionFolder(str(root), loader=partial(cache_mod.load_rgb, size=size, interpolation=interpolation),
+                       transform=transform, allow_empty=True)
     order = {str(p): i for i, p in enumerate(paths)}
     missing = [p for p, _ in ds.samples if p not in order]
     if missing or len(ds.samples) != len(paths):

@@ -75,7 +75,8 @@ class Balance:
             if value is not None and value <= 0:
                 raise ConfigError(f"balance.{key}={value} must be > 0, or null to turn it off.")
         if self.cap is not None and self.floor is not None and self.cap < self.floor:
-            raise ConfigError(f"balance.cap={self.cap} is below balance.floor={self.floor}: a cap must be >= the floor.")
+            raise ConfigError(f"balance.cap={self.cap} is below balance.floor={self.floor}: "
+                              "a cap must be >= the floor.")
         if self.max_augment_per_image < 1:
             raise ConfigError(f"balance.max_augment_per_image={self.max_augment_per_image} must be >= 1.")
 
@@ -105,7 +106,8 @@ class Recipe:
 
     def validate(self) -> None:
         if len(self.ratios) != 3 or any(r <= 0 for r in self.ratios):
-            raise ConfigError(f"ratios={self.ratios} must be three numbers > 0 (train, val, test), e.g. [0.6, 0.2, 0.2].")
+            raise ConfigError(f"ratios={self.ratios} must be three numbers > 0 (train, val, test), "
+                              "e.g. [0.6, 0.2, 0.2].")
         if abs(sum(self.ratios) - 1.0) > 1e-6:
             raise ConfigError(f"ratios={self.ratios} sum to {sum(self.ratios):g}; they must sum to 1.")
         if not 0 <= self.phash_threshold <= 32:
@@ -222,7 +224,8 @@ def base_groups(df: pd.DataFrame, group_by: str) -> pd.Series:
     """The group each image starts in, before near-duplicates are merged."""
     if group_by == "emoji":
         if "emoji" not in df.columns or (df["emoji"] == "").all():
-            raise ConfigError("--group-by emoji needs an 'emoji' column in the clean manifest (labels.csv); use --group-by group or file.")
+            raise ConfigError("--group-by emoji needs an 'emoji' column in the clean manifest (labels.csv); "
+                              "use --group-by group or file.")
         column = "emoji"
     elif group_by == "group" and "group" in df.columns and (df["group"] != "").any():
         column = "group"
@@ -272,9 +275,9 @@ def _assign_class(cls: str, units: pd.Series, ratios: list[float], seed: int) ->
     """
     if len(units) < len(SPLITS):
         raise ConfigError(
-            f"Class {cls!r} has {len(units)} group(s) ({int(units.sum())} images): a group never straddles splits, "
-            f"so it needs at least {len(SPLITS)} groups for train/val/test (a group shared with other classes counts for its "
-            f"largest class). Add images to it, drop it with "
+            f"Class {cls!r} has {len(units)} group(s) ({int(units.sum())} images): a group never straddles "
+            f"splits, so it needs at least {len(SPLITS)} groups for train/val/test (a group shared with other "
+            f"classes counts for its largest class). Add images to it, drop it with "
             f"--exclude-class {cls!r}, or, if near-duplicate merging joined them, lower phash_threshold."
         )
     rng = np.random.default_rng(stable_int(seed, "split", cls))
@@ -376,7 +379,8 @@ def _write_original(source: Path, root: Path, rel: str, expected_sha: str) -> tu
     data = source.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
     if expected_sha and sha != expected_sha:
-        raise ConfigError(f"{source} changed since cleansing (sha256 {sha[:12]} != {expected_sha[:12]}); rerun `python -m research clean`.")
+        raise ConfigError(f"{source} changed since cleansing (sha256 {sha[:12]} != {expected_sha[:12]}); "
+                          "rerun `python -m research clean`.")
     with Image.open(io.BytesIO(data)) as image:  # the header decides; pixels are decoded only to re-encode
         as_is = (image.format, image.mode) in COPY_AS_IS
     if not as_is:
@@ -405,7 +409,8 @@ def version_digest(manifest: pd.DataFrame, recipe: dict[str, Any], seed: int) ->
 
 def counts_table(manifest: pd.DataFrame, classes: list[str]) -> dict[str, dict[str, int]]:
     return {
-        s: {c: int(n) for c, n in manifest[manifest["split"] == s].groupby("class").size().reindex(classes, fill_value=0).items()}
+        s: {c: int(n) for c, n in
+            manifest[manifest["split"] == s].groupby("class").size().reindex(classes, fill_value=0).items()}
         for s in SPLITS
     }
 
@@ -415,7 +420,8 @@ def imbalance(counts: dict[str, int]) -> float:
     return max(values) / min(values) if values and min(values) > 0 else float("inf")
 
 
-def check_leakage(manifest_df: pd.DataFrame, root: str | Path, phash_threshold: int = 4, workers: int | None = None) -> dict[str, int]:
+def check_leakage(manifest_df: pd.DataFrame, root: str | Path, phash_threshold: int = 4,
+                  workers: int | None = None) -> dict[str, int]:
     """Raise LeakageError when a val/test image, or anything derived from it, is (nearly) in training.
 
     Checks, on the files under `root` (the version dir; manifest paths are relative to it):
@@ -501,13 +507,15 @@ def build_version(
 
     unknown = sorted(set(recipe.exclude_classes) - set(df["class"]))
     if unknown:
-        raise ConfigError(f"exclude_classes names unknown class(es) {unknown}; classes are {sorted(df['class'].unique())}.")
+        raise ConfigError(f"exclude_classes names unknown class(es) {unknown}; "
+                          f"classes are {sorted(df['class'].unique())}.")
     df = df[~df["class"].isin(recipe.exclude_classes)].reset_index(drop=True)
 
     sources = [source_root / p for p in df["path"]]
     missing = [str(s) for s in sources if not s.is_file()]
     if missing:
-        raise ConfigError(f"{len(missing)} file(s) in the clean manifest are gone, e.g. {missing[0]}; rerun `python -m research clean`.")
+        raise ConfigError(f"{len(missing)} file(s) in the clean manifest are gone, e.g. {missing[0]}; "
+                          "rerun `python -m research clean`.")
     threshold = recipe.phash_threshold if recipe.merge_near_duplicates else None
     hashes = None
     if threshold is not None:
@@ -551,7 +559,8 @@ def _write_files(df, plan, source_root: Path, tmp: Path, recipe: Recipe, seed: i
     """Copy originals and write augmented copies under `tmp`; returns the manifest."""
     names = output_names(df)
     sources = [source_root / p for p in df["path"]]
-    jobs = [(src, f"{s}/{c}/{n}", sha) for src, s, c, n, sha in zip(sources, df["split"], df["class"], names, df["sha256"])]
+    jobs = [(src, f"{s}/{c}/{n}", sha)
+            for src, s, c, n, sha in zip(sources, df["split"], df["class"], names, df["sha256"])]
     written = _map(lambda j: _write_original(j[0], tmp, j[1], j[2]), jobs, workers, progress, "copying")
     out_paths, shas = [w[0] for w in written], [w[1] for w in written]
     manifest = pd.DataFrame(
@@ -619,12 +628,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--version", required=True, help="name of the version to write, e.g. v3")
     parser.add_argument(
         "--recipe",
-        help=f"a recipe YAML or a shipped name ({', '.join(shipped_recipes())}); default: the shipped recipe named like --version, else v1",
+        help=f"a recipe YAML or a shipped name ({', '.join(shipped_recipes())}); "
+             "default: the shipped recipe named like --version, else v1",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--group-by", choices=["group", "emoji", "file"], help="override the recipe's group_by")
     parser.add_argument("--exclude-class", action="append", default=None, help="leave a class out (repeatable)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override, e.g. balance.cap=1.5")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override, e.g. balance.cap=1.5")
     parser.add_argument("--out", default="data/versions", help="where versions live (default data/versions)")
     parser.add_argument("--force", action="store_true", help="replace an existing version of that name")
     parser.add_argument("--workers", type=int, default=None)
