@@ -7,6 +7,9 @@ to create them (DuplicateObject / IntegrityError). Safe to run again: it changes
 
 Environment: POSTGRES_HOST (postgres), POSTGRES_PORT (5432), POSTGRES_USER, POSTGRES_PASSWORD,
 POSTGRES_DB (the database to connect to for CREATE DATABASE), OPTUNA_DB (optuna).
+
+`--check-env` only checks the environment (the `preflight` service, before PostgreSQL first starts):
+POSTGRES_PASSWORD must be set and must not be .env.example's placeholder.
 """
 
 from __future__ import annotations
@@ -22,6 +25,17 @@ def env(name: str, default: str | None = None) -> str:
     if not value:
         sys.exit(f"init: {name} is not set; copy .env.example to .env and fill it in.")
     return value
+
+
+PLACEHOLDER_PASSWORD = "change-me"  # .env.example's value: `cp .env.example .env` alone must not start a stack
+
+
+def check_password(password: str) -> None:
+    """Exit with the fix when the password is .env.example's placeholder."""
+    if password.strip().lower() == PLACEHOLDER_PASSWORD:
+        sys.exit(f"init: POSTGRES_PASSWORD is .env.example's placeholder {PLACEHOLDER_PASSWORD!r}; set your own in "
+                 ".env (letters, digits, - _ . only; e.g. `python -c \"import secrets; "
+                 "print(secrets.token_urlsafe(24))\"`), then start the stack again.")
 
 
 def connect(conninfo: str, attempts: int = 30):
@@ -47,7 +61,11 @@ def ensure_database(host: str, port: str, user: str, password: str, maintenance_
         return True
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    check_password(env("POSTGRES_PASSWORD"))
+    if argv == ["--check-env"]:
+        print("init: environment checked")
+        return 0
     import optuna
 
     host, port = env("POSTGRES_HOST", "postgres"), env("POSTGRES_PORT", "5432")
@@ -63,4 +81,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -4,13 +4,20 @@ The model is loaded once by URI (default `models:/illustration-classifier@champi
 `research.serving.load_model`; files are sent in batches as the pyfunc's own input (column
 `image`, base64 bytes), so this command exercises exactly what a Python client or the HTTP
 server gets. A file that cannot be read or decoded is a row with an error, never a crash.
+
+Memory stays bounded whatever the inputs: files are read batch by batch, and a batch holds at most
+`--batch-size` files and MAX_BATCH_BYTES of file bytes (a bigger file goes alone), so a folder of large
+scans never sits in memory at once. Only regular files are read: a FIFO would block and a device
+(/dev/zero) never ends, so each is a row with an error. The pixel limit is the model's own
+(research.data.image.MAX_PIXELS).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import math
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -23,6 +30,8 @@ from research.serving import CHAMPION, MODEL_NAME, load_model
 
 console = Console()
 DEFAULT_URI = f"models:/{MODEL_NAME}@{CHAMPION}"
+MAX_BATCH_BYTES = 16 << 20  # file bytes per model call (held as base64: 4/3 of that)
+NOT_REGULAR = "not a regular file (fifo, socket or device); not read"
 
 
 def image_extensions() -> set[str]:
@@ -53,29 +62,64 @@ def collect(paths: list[str | Path]) -> list[Path]:
 
 
 def top_k(row: pd.Series, prob_columns: list[str], k: int = 3) -> list[tuple[str, float]]:
-    values = [(c.removeprefix("p_"), float(row[c])) for c in prob_columns if not math.isnan(float(row[c]))]
+    values = [(c.removeprefix("p_"), float(row[c])) for c in prob_columns if pd.notna(row[c])]
     return sorted(values, key=lambda t: -t[1])[:k]
+
+
+def file_size(path: Path) -> int:
+    """Bytes of a regular file; 0 for anything else (its read reports why)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+
+def plan_batches(files: list[Path], batch_size: int, max_bytes: int = MAX_BATCH_BYTES) -> list[list[Path]]:
+    """Files in order, grouped into model calls of at most `batch_size` files and `max_bytes` of file bytes.
+
+    A file bigger than `max_bytes` goes alone: what is held at once is bounded by the biggest file, not the total.
+    """
+    batches: list[list[Path]] = []
+    current: list[Path] = []
+    held = 0
+    for f in files:
+        size = file_size(f)
+        if current and (len(current) == batch_size or held + size > max_bytes):
+            batches.append(current)
+            current, held = [], 0
+        current.append(f)
+        held += size
+    if current:
+        batches.append(current)
+    return batches
+
+
+def read_payload(path: Path) -> tuple[str, str]:
+    """(base64 of the file's bytes, "") or ("", why it was not read): only regular files are opened."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "", NOT_REGULAR
+        return base64.b64encode(path.read_bytes()).decode("ascii"), ""
+    except OSError as exc:
+        return "", f"{type(exc).__name__}: {exc.strerror or exc}"
+
+
+def predict_batch(model, files: list[Path]) -> pd.DataFrame:
+    """The model's rows for `files` plus a `file` column; a read error wins over the model's (empty payload) error."""
+    payloads, read_errors = zip(*(read_payload(f) for f in files))
+    out = model.predict(pd.DataFrame({"image": list(payloads)})).reset_index(drop=True)
+    out.insert(0, "file", [str(f) for f in files])
+    out["error"] = [r or e for r, e in zip(read_errors, out["error"].astype(str))]
+    return out
 
 
 def predict_files(model, files: list[Path], batch_size: int = 64) -> pd.DataFrame:
     """One row per file: file, label, probability, top3, p_<class>..., error."""
     if batch_size <= 0:
         raise ConfigError(f"--batch-size {batch_size} must be > 0.")
-    frames = []
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        payloads, read_errors = [], []
-        for f in chunk:
-            try:
-                payloads.append(base64.b64encode(f.read_bytes()).decode("ascii"))
-                read_errors.append("")
-            except OSError as exc:
-                payloads.append("")  # the model reports an empty payload as unreadable; the read error wins
-                read_errors.append(f"{type(exc).__name__}: {exc.strerror or exc}")
-        out = model.predict(pd.DataFrame({"image": payloads})).reset_index(drop=True)
-        out.insert(0, "file", [str(f) for f in chunk])
-        out["error"] = [r or e for r, e in zip(read_errors, out["error"].astype(str))]
-        frames.append(out)
+    # each batch's bytes are read inside predict_batch and dropped when it returns
+    frames = [predict_batch(model, chunk) for chunk in plan_batches(files, batch_size)]
     if not frames:
         return pd.DataFrame(columns=["file", "label", "probability", "top3", "error"])
     result = pd.concat(frames, ignore_index=True)
@@ -103,8 +147,8 @@ def print_table(result: pd.DataFrame, uri: str) -> None:
 def json_lines(result: pd.DataFrame) -> list[str]:
     lines = []
     for _, row in result.iterrows():
-        prob = float(row["probability"])
-        record = {"file": row["file"], "label": row["label"], "probability": None if math.isnan(prob) else prob,
+        prob = row["probability"]
+        record = {"file": row["file"], "label": row["label"], "probability": float(prob) if pd.notna(prob) else None,
                   "top3": [[c, p] for c, p in row["top3"]], "error": row["error"]}
         lines.append(json.dumps(record))
     return lines

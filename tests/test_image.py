@@ -173,6 +173,19 @@ def test_image_at_the_limit_is_fine(tmp_path):
         image.check_pixels(side + 1, side + 1)
 
 
+def test_sizes_pillow_finds_while_decoding_are_held_to_the_same_limit():
+    """100 MP is over MAX_PIXELS but under twice Pillow's limit, where Pillow alone only warns. An ICO whose
+    directory claims 16x16 shows the real size only while Pillow decodes the PNG inside: it must refuse there."""
+    png = big_png(10_000, 10_000)
+    ico = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22) + png
+    for data in (png, ico):
+        with pytest.raises(Image.DecompressionBombError, match="100000000 pixels"):
+            Image.open(io.BytesIO(data))  # Pillow itself refuses, for the ICO while reading the PNG inside
+        with pytest.raises(ImageTooLarge, match="MAX_PIXELS"):
+            open_rgb(data)
+    assert 2 * Image.MAX_IMAGE_PIXELS == MAX_PIXELS  # Pillow raises above exactly our limit
+
+
 def test_decode_shape_dtype_and_interpolations(tmp_path):
     checker = (np.indices((64, 48)).sum(0) % 2 * 255).astype(np.uint8)
     Image.fromarray(np.stack([checker] * 3, -1)).save(tmp_path / "c.png")

@@ -166,6 +166,9 @@ def test_decode_payload_and_row_error():
     assert decode_payload(raw) == raw and decode_payload(bytearray(raw)) == raw
     assert decode_payload(base64.b64encode(raw).decode()) == raw
     assert decode_payload("data:image/png;base64," + base64.b64encode(raw).decode()) == raw
+    wrapped = base64.encodebytes(raw * 20).decode()  # 76 columns, as `base64 FILE` and MIME encoders write it
+    assert "\n" in wrapped.strip()
+    assert decode_payload(wrapped) == decode_payload(wrapped.replace("\n", "\r\n")) == raw * 20
     with pytest.raises(ValueError, match="not base64"):
         decode_payload("%%%")
     with pytest.raises(ValueError, match="expected base64 text, got float"):
@@ -186,7 +189,9 @@ def test_pyfunc_reads_any_mode_and_flags_bad_rows(mlflow_store, tmp_path):
     assert list(out.columns) == ["label", "probability", *[f"p_{c}" for c in CLASSES], "error"]
     assert out["error"][0] == "" and out["label"][0] != ""
     assert math.isclose(out.filter(like="p_").iloc[0].sum(), 1.0, rel_tol=1e-5)
-    assert "not base64" in out["error"][1] and out["label"][1] == "" and math.isnan(out["probability"][1])
+    assert "not base64" in out["error"][1] and out["label"][1] == ""
+    assert out.loc[1:, ["probability", *[f"p_{c}" for c in CLASSES]]].isna().all(axis=None)
+    assert out.loc[1, "probability"] is None and out.loc[2, "p_circle"] is None  # JSON null, not NaN
     assert out["error"][2] != ""
 
 

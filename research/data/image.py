@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import io
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -27,9 +28,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Pillow's own default limit (about 89.5 MP): more pixels than this and decoding could exhaust memory.
 # Checked on the header by `open_rgb` and `scan`, so a caller who sets Image.MAX_IMAGE_PIXELS=None does not
-# switch it off; Pillow's own bomb check is aligned to the same number.
+# switch it off. Pillow raises only above 2 x MAX_IMAGE_PIXELS (between 1x and 2x it merely warns), also for
+# sizes found while decoding (an ICO's embedded PNG, GIF frames that grow the canvas): half our limit makes
+# every check Pillow makes refuse above exactly MAX_PIXELS, and its warnings at half of it mean nothing here.
 MAX_PIXELS = 89_478_485
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS / 2
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 RESAMPLE = {
