@@ -10,8 +10,10 @@ only reported, so the test numbers stay an honest estimate of the champion.
 
 The val numbers are those of the best epoch (the checkpoint that became the model). The same
 content goes to the terminal, `report.md` (GitHub tables) and a self-contained `report.html` (the
-champion's confusion_matrix_test.png beside it) in reports/<study>/, with `report.json` holding
-the numbers; all are logged to the study's MLflow parent run under `report/`.
+champion's figures beside it: confusion_matrix_test.png, per_class_f1_test.png and the gallery of its most
+confident test mistakes, mistakes_test.png; a run that predates a figure gets a note instead) in
+reports/<study>/, with `report.json` holding the numbers; all are logged to the study's MLflow parent run
+under `report/`.
 """
 
 from __future__ import annotations
@@ -41,14 +43,14 @@ SELECTION = ("champion = best validation macro-F1; the test split is evaluated o
              "for reporting and never used to choose")
 KEY_PARAMS = ("model", "image_size", "epochs", "batch_size", "optimizer", "lr", "lr_schedule", "loss", "sampler",
               "dataset_version")
-ARTIFACTS = ("classification_report_val.csv", "classification_report_test.csv", "confusion_matrix_test.csv",
-             "confusion_matrix_test.png")
-PNG = "confusion_matrix_test.png"
+PNG, F1_PNG, MISTAKES_PNG = "confusion_matrix_test.png", "per_class_f1_test.png", "mistakes_test.png"
+FIGURES = (PNG, F1_PNG, MISTAKES_PNG)  # the champion's, copied next to report.html
+ARTIFACTS = ("classification_report_val.csv", "classification_report_test.csv", "confusion_matrix_test.csv", *FIGURES)
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 TOP_TRIALS = 15
 CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}"
        "table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding:3px 8px;font-size:14px;"
-       "text-align:left}th{background:#f3f3f3}li{margin:.2em 0}img{max-width:640px;display:block}")
+       "text-align:left}th{background:#f3f3f3}li{margin:.2em 0}img{max-width:100%;display:block}")
 
 
 @dataclasses.dataclass
@@ -267,7 +269,7 @@ def sections(rep: dict[str, Any], study) -> list[Section]:
                          [rep["importance_note"]])
 
     cm = champ["confusion"]
-    confusion = Section("Champion confusion matrix (test)", image=PNG if rep["png"] else None)
+    confusion = Section("Champion confusion matrix (test)", image=PNG if PNG in rep["figures"] else None)
     if cm:
         short = all(len(n) <= 10 for n in cm["predicted"])
         labels = cm["predicted"] if short else [str(i) for i in range(len(cm["predicted"]))]
@@ -289,7 +291,16 @@ def sections(rep: dict[str, Any], study) -> list[Section]:
     if rest:
         left = {s: sum(t["state"] == s for t in rest) for s in {t["state"] for t in rest}}
         trials.notes = [f"{len(rest)} more: " + ", ".join(f"{k} {v}" for k, v in sorted(left.items()))]
-    return [head, compare, per_class, importance, confusion, trials]
+    pictures = [figure_section(title, name, champ["run_id"], rep["figures"]) for title, name in (
+        ("Champion per-class F1 (test)", F1_PNG), ("Champion's most confident test mistakes", MISTAKES_PNG))]
+    return [head, compare, per_class, importance, confusion, *pictures, trials]
+
+
+def figure_section(title: str, name: str, run_id: str, figures: list[str]) -> Section:
+    """The champion's figure `name`, or a note when its run predates that figure."""
+    if name in figures:
+        return Section(title, image=name)
+    return Section(title, notes=[f"run {run_id} has no {name} (it predates it)"])
 
 
 # --------------------------------------------------------------------------------- renderers
@@ -306,6 +317,8 @@ def to_console(title: str, secs: list[Section]) -> None:
             console.print(table)
         else:
             console.print(Text(s.title, style="bold"))
+        if s.image:
+            console.print(Text(f"  figure: {s.image} (beside report.html)", style="dim"))
         for note in s.notes:
             console.print(Text(f"  {note}", style="dim"))
 
@@ -356,7 +369,7 @@ def _metric_key(name: str) -> str:
 
 def report(study_name: str, baseline: str | list[str] | None = None, storage_url: str | None = None,
            out_dir: str | Path | None = None, log: bool = True) -> dict[str, Any]:
-    """Write report.md/.html/.json (+ the champion's confusion PNG) and log them to the parent run.
+    """Write report.md/.html/.json (+ the champion's figures) and log them to the parent run.
 
     `baseline`: one study name or MLflow run id, or a list of them (one column each, in order); none
     means `seed_recipe`. A missing baseline becomes a note in the report, not an error.
@@ -369,7 +382,6 @@ def report(study_name: str, baseline: str | list[str] | None = None, storage_url
 
     tracking.setup()
     tracking.check_reachable()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     refs = baseline_refs(baseline, study_name)
     url = storage_url or default_storage_url()
     storage = make_storage(url)
@@ -398,16 +410,18 @@ def report(study_name: str, baseline: str | list[str] | None = None, storage_url
             bases, notes = resolve_baselines(refs, champ, storage, client, Path(tmp))
         out = Path(out_dir or Path("reports") / study_name)
         out.mkdir(parents=True, exist_ok=True)
-        (out / PNG).unlink(missing_ok=True)  # a figure from an earlier report must not outlive its champion
-        if PNG in champ["_files"]:
-            shutil.copy(champ["_files"][PNG], out / PNG)
+        for name in FIGURES:
+            (out / name).unlink(missing_ok=True)  # a figure from an earlier report must not outlive its champion
+            if name in champ["_files"]:
+                shutil.copy(champ["_files"][name], out / name)
+        figures = [name for name in FIGURES if (out / name).exists()]
         imp, imp_note = importances(study)
         rep: dict[str, Any] = {
             "study": study_name, "storage": url, "direction": study.direction.name.lower(), "selection": SELECTION,
             "counts": counts, "wall_seconds": (max(ends) - min(starts)).total_seconds() if starts and ends else None,
             "parent_run_id": parent, "champion": champ, "baseline_refs": refs, "baselines": bases,
             "baseline_notes": notes,
-            "importances": imp, "importance_note": imp_note, "png": (out / PNG).exists(),
+            "importances": imp, "importance_note": imp_note, "png": PNG in figures, "figures": figures,
             "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
                         "test_f1_macro": t.user_attrs.get("test_f1_macro"), "run_id": t.user_attrs.get("mlflow_run_id")}
                        for t in ranked],
@@ -421,7 +435,7 @@ def report(study_name: str, baseline: str | list[str] | None = None, storage_url
     rep |= {"champion": _public(champ), "baselines": [_public(b) for b in bases],
             "baseline": _public(bases[0]) if bases else None, "baseline_note": "; ".join(notes),
             "logged_to": parent if log and parent else None,
-            "files": [str(out / n) for n in ("report.md", "report.html", "report.json", PNG) if n != PNG or rep["png"]]}
+            "files": [str(out / n) for n in ("report.md", "report.html", "report.json", *figures)]}
     (out / "report.json").write_text(json.dumps(rep, indent=2, default=str))
     if log and parent:
         for path in rep["files"]:

@@ -2,59 +2,121 @@
 
 The leaderboard ranks training runs by their best val macro F1 over epochs (the epoch whose
 checkpoint became the model), with the test macro F1 of that checkpoint beside it. Study parent
-runs are left out; their trials are listed (`--study NAME` for one study).
+runs are left out; their trials are listed (`--study NAME` for one study). `--studies` lists the
+studies instead, one row each.
+
+The table shows the columns that fit the terminal, in the order of RUN_COLUMNS / STUDY_COLUMNS (most
+wanted first), and never cuts a value; `--columns` picks them, `--format csv|json` gives every column
+at full precision.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import os
 import sys
+from collections import Counter, defaultdict
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from research import tracking
 from research.config import ConfigError
+from research.store import best_value, search_all_runs
 
-console = Console()
-COLUMNS = ("run", "name", "status", "model", "dataset", "batch", "lr schedule", "loss", "sampler",
-           "val F1", "test F1", "duration")
+# the row keys, in the order the table shows them and keeps them when the terminal is narrow (the first ones win)
+RUN_COLUMNS = ("val_f1", "test_f1", "model", "name", "duration", "status", "run_id", "lr", "batch", "dataset",
+               "schedule", "loss", "sampler", "study", "trial")
+STUDY_COLUMNS = ("study", "best_trial", "best_value", "complete", "pruned", "failed", "running", "duration", "model",
+                 "objective", "best_run_id")
+NUMERIC = {"val_f1", "test_f1", "duration", "lr", "batch", "trial", "best_trial", "best_value", "complete", "pruned",
+           "failed", "running"}
 
 
-# ------------------------------------------------------------------------------ runs
+# ------------------------------------------------------------------------------ runs and studies
 
-def leaderboard(experiment: str | None = None, study: str | None = None, top: int | None = 20) -> list[dict]:
-    """Training runs (not study parents), best val macro F1 first; one dict per run."""
+def _search(experiment: str | None, study: str | None):
+    """The MLflow client and every run in scope (trials, plain runs and study parents)."""
     import mlflow
 
-    from research.registry import _experiment_ids, _quote, best_value, search_all_runs
+    from research.registry import _experiment_ids, _quote
 
     tracking.setup()
     tracking.check_reachable()
     client = mlflow.MlflowClient()
     ids = _experiment_ids(client, experiment)
     filter_string = f"tags.optuna_study = {_quote(study)}" if study else ""
-    runs = search_all_runs(client, ids, filter_string) if ids else []
+    return client, search_all_runs(client, ids, filter_string) if ids else []
+
+
+def leaderboard(experiment: str | None = None, study: str | None = None, top: int | None = 20) -> list[dict]:
+    """Training runs (not study parents), best val macro F1 first; one dict per run, keyed by RUN_COLUMNS."""
+    client, runs = _search(experiment, study)
     rows = []
     for run in runs:
         params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
         if tags.get("optuna_role") == "parent" or "model" not in params:
             continue
-        val = best_value(client, run, "val_f1_macro")
         rows.append({
-            "run_id": run.info.run_id, "name": run.info.run_name or "", "status": run.info.status,
+            "name": run.info.run_name or "", "model": params["model"],
+            "val_f1": best_value(client, run, "val_f1_macro"), "test_f1": metrics.get("test_f1_macro"),
+            "duration": _duration(run), "status": run.info.status, "run_id": run.info.run_id,
+            "lr": _param(params, "lr", float), "batch": _param(params, "batch_size", int),
             # the dataset_version param may be a version directory: its name
-            "model": params.get("model", ""), "dataset": Path(params.get("dataset_version", "")).name,
-            "batch": params.get("batch_size", ""), "lr": params.get("lr", ""),
-            "lr_schedule": params.get("lr_schedule", ""), "loss": params.get("loss", ""),
-            "sampler": params.get("sampler", ""), "val_f1_macro": val,
-            "test_f1_macro": metrics.get("test_f1_macro"), "seconds": _duration(run),
-            "study": tags.get("optuna_study", ""), "trial": tags.get("optuna_trial", ""),
+            "dataset": Path(params.get("dataset_version", "")).name, "schedule": params.get("lr_schedule", ""),
+            "loss": params.get("loss", ""), "sampler": params.get("sampler", ""),
+            "study": tags.get("optuna_study", ""), "trial": _param(tags, "optuna_trial", int),
         })
-    rows.sort(key=lambda r: (r["val_f1_macro"] is None, -(r["val_f1_macro"] or 0.0)))
+    rows.sort(key=lambda r: (r["val_f1"] is None, -(r["val_f1"] or 0.0)))
     return rows[:top] if top else rows
+
+
+def studies(experiment: str | None = None, study: str | None = None, top: int | None = 20) -> list[dict]:
+    """One dict per Optuna study (its MLflow parent run), newest first, keyed by STUDY_COLUMNS: the best
+    complete trial by the study's objective, the trials' counts by state, the parent run's wall time."""
+    client, runs = _search(experiment, study)
+    trials = defaultdict(list)
+    for run in runs:
+        trials[run.data.tags.get("mlflow.parentRunId")].append(run)
+    parents = sorted((r for r in runs if r.data.tags.get("optuna_role") == "parent"),
+                     key=lambda r: r.info.start_time, reverse=True)
+    rows = []
+    for parent in parents[:top] if top else parents:
+        objective = parent.data.params.get("objective", "maximize val_f1_macro")
+        direction, metric = objective.split(" ", 1)
+        children = trials[parent.info.run_id]
+        states = Counter(_trial_state(r) for r in children)
+        scored = [(best_value(client, r, metric), r) for r in children if _trial_state(r) == "COMPLETE"]
+        scored = [(v, r) for v, r in scored if v is not None]
+        pick = max if direction == "maximize" else min
+        value, best = pick(scored, key=lambda vr: vr[0], default=(None, None))
+        info = parent.info
+        rows.append({
+            "study": parent.data.tags.get("optuna_study", ""),
+            "best_trial": best and _param(best.data.tags, "optuna_trial", int), "best_value": value,
+            "complete": states["COMPLETE"], "pruned": states["PRUNED"], "failed": states["FAIL"],
+            "running": states["RUNNING"],
+            "duration": (info.end_time - info.start_time) / 1000.0 if info.end_time else None,
+            "model": best and best.data.params.get("model"), "objective": objective,
+            "best_run_id": best and best.info.run_id,
+        })
+    return rows
+
+
+def _trial_state(run) -> str:
+    """The Optuna state the worker tagged, else the run's own: a trial untagged yet, or whose worker died."""
+    tagged = run.data.tags.get("optuna_state")
+    return tagged or {"RUNNING": "RUNNING", "FINISHED": "COMPLETE"}.get(run.info.status, "FAIL")
+
+
+def _param(values: dict, key: str, kind: type):
+    return kind(values[key]) if values.get(key) else None
 
 
 def _duration(run) -> float | None:
@@ -70,25 +132,74 @@ def _duration(run) -> float | None:
 def _fmt_seconds(s: float | None) -> str:
     if s is None or math.isnan(s):
         return "-"
-    return f"{s:.0f}s" if s < 120 else f"{s / 60:.1f}min"
+    return f"{s:.1f}s" if s < 10 else f"{s:.0f}s" if s < 120 else f"{s / 60:.1f}min"
 
 
-def _fmt(v: float | None) -> str:
-    return "-" if v is None or math.isnan(v) else f"{v:.4f}"
+# ------------------------------------------------------------------------------ output
+
+def _cell(column: str, value) -> str:
+    """A value at a short fixed precision: F1 and objective values to 4 decimals, lr to 4 significant digits."""
+    if value is None or value == "":
+        return "-"
+    if column == "duration":
+        return _fmt_seconds(value)
+    if isinstance(value, float):
+        return f"{value:.4g}" if column == "lr" else f"{value:.4f}"
+    return str(value)
 
 
-def print_leaderboard(rows: list[dict], title: str) -> None:
-    table = Table(title=title)
-    for col in COLUMNS:
-        table.add_column(col, justify="right" if col in ("batch", "val F1", "test F1", "duration") else "left")
+def make_table(rows: list[dict], columns: list[str], title: str | None = None) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    for col in columns:
+        table.add_column(col, justify="right" if col in NUMERIC else "left", overflow="fold")
     for r in rows:
-        style = None if r["status"] == "FINISHED" else "dim"
-        table.add_row(
-            r["run_id"][:8], r["name"], r["status"], r["model"], r["dataset"], str(r["batch"]),
-            r["lr_schedule"] + (f" ({r['lr']})" if r["lr"] else ""), r["loss"], r["sampler"],
-            _fmt(r["val_f1_macro"]), _fmt(r["test_f1_macro"]), _fmt_seconds(r["seconds"]), style=style,
-        )
-    console.print(table)
+        # Text, not str: a run name is never read as rich markup
+        table.add_row(*(Text(_cell(col, r[col])) for col in columns),
+                      style=None if r.get("status", "FINISHED") == "FINISHED" else "dim")
+    return table
+
+
+def fit_columns(console: Console, rows: list[dict], columns: tuple[str, ...]) -> list[str]:
+    """The columns, in order, whose full values fit the console's width side by side; one too wide for the
+    room left is skipped, and a narrower one after it may still fit."""
+    chosen: list[str] = []
+    for col in columns:
+        table = make_table(rows, [*chosen, col])
+        unbounded = console.options.update_width(sys.maxsize)  # its natural width, not squeezed into the console
+        if Measurement.get(console, unbounded, table).maximum <= console.width:
+            chosen.append(col)
+    return chosen or list(columns[:1])
+
+
+def pick_columns(names: str | None, valid: tuple[str, ...], command: str) -> list[str] | None:
+    """`--columns a,b,c` as a list (None when not given); an unknown name is an error that lists the valid ones."""
+    if names is None:
+        return None
+    picked = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in picked if n not in valid]
+    if unknown or not picked:
+        raise ConfigError(f"--columns {names!r}: unknown column {', '.join(unknown) or '(none given)'} for "
+                          f"`{command}`; choose from {','.join(valid)}")
+    return picked
+
+
+def print_rows(rows: list[dict], columns: list[str] | None, fmt: str, title: str, all_columns: tuple[str, ...],
+               console: Console) -> None:
+    """`rows` as a table that fits the console (or exactly `columns`), or as csv / json with full values."""
+    if fmt == "json":
+        print(json.dumps([{c: r[c] for c in columns or all_columns} for r in rows], indent=2))
+    elif fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, columns or all_columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        shown = columns or fit_columns(console, rows, all_columns)
+        console.print(make_table(rows, shown, title))
+        hidden = [c for c in all_columns if c not in shown]
+        if hidden and not columns:
+            console.print(f"not shown at {console.width} columns: {', '.join(hidden)}; pick columns with "
+                          f"--columns (e.g. --columns {','.join([*shown[:2], hidden[0]])}), or all of them with "
+                          "--format csv|json", highlight=False)
 
 
 # ------------------------------------------------------------------------------ ui
@@ -111,7 +222,14 @@ def add_arguments(parser, name: str) -> None:
     if name == "runs":
         parser.add_argument("--experiment", help="only this MLflow experiment (default: all)")
         parser.add_argument("--study", help="only the trials of this Optuna study")
+        parser.add_argument("--studies", action="store_true",
+                            help="one row per study: best trial, trials by state, wall time")
         parser.add_argument("--top", type=int, default=20, help="rows to show (default 20; 0 = all)")
+        parser.add_argument("--columns", metavar="A,B,...",
+                            help=f"exactly these columns, in this order; runs: {', '.join(RUN_COLUMNS)}; "
+                                 f"with --studies: {', '.join(STUDY_COLUMNS)} (default: those that fit the terminal)")
+        parser.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                            help="csv and json: every column, full precision, duration in seconds")
     elif name == "ui":
         parser.add_argument("--port", type=int, default=5000)
         parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to reach it from other machines")
@@ -119,13 +237,18 @@ def add_arguments(parser, name: str) -> None:
 
 
 def run(args) -> int:
+    console = Console()  # reads COLUMNS now, not at import
     if args.command == "runs":
-        rows = leaderboard(args.experiment, args.study, args.top or None)
+        all_columns = STUDY_COLUMNS if args.studies else RUN_COLUMNS
+        columns = pick_columns(args.columns, all_columns, "runs --studies" if args.studies else "runs")
+        rows = (studies if args.studies else leaderboard)(args.experiment, args.study, args.top or None)
         scope = " ".join(f"{k} {v}" for k, v in (("experiment", args.experiment), ("study", args.study)) if v)
-        if not rows:
-            console.print(f"No training runs in {scope or 'the store'} ({tracking.tracking_uri()}).")
+        what = "studies" if args.studies else "training runs"
+        if not rows and args.format == "table":
+            console.print(f"No {what} in {scope or 'the store'} ({tracking.tracking_uri()}).")
             return 0
-        print_leaderboard(rows, f"runs by best val macro F1 ({scope or 'all experiments'})")
+        title = "studies, newest first" if args.studies else "runs by best val macro F1"
+        print_rows(rows, columns, args.format, f"{title} ({scope or 'all experiments'})", all_columns, console)
         return 0
     if args.command == "ui":
         cmd = ui_command(args.host, args.port, args.workers)
@@ -134,5 +257,6 @@ def run(args) -> int:
         sys.stdout.flush()
         job_execution = os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION=job_execution)
+        env.pop("MLFLOW_CONFIGURE_LOGGING", None)  # research.logs keeps MLflow quiet here; the server logs as usual
         os.execvpe(cmd[0], cmd, env)
     raise ConfigError(f"unknown command {args.command!r} for research.runs")

@@ -7,6 +7,7 @@ a team server (`http://...`) or any store MLflow understands.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -14,6 +15,20 @@ import urllib.parse
 from pathlib import Path
 
 HOME = Path("mlruns")
+LOCAL_UI = "http://127.0.0.1:5000"  # where `python -m research ui` (and `mlflow ui`) serve by default
+# How the MLflow UI shows the project's experiments. KIND_TAG: the experiment's kind as MLflow records it (its UI's
+# kind selector writes it; "custom_model_development" is machine learning). MLflow 3.17's UI does not read it to
+# pick a view: it follows its GenAI / Model training switch, the `workflowType` URL parameter, else that browser's
+# last choice (GenAI at first), so the URLs below carry the parameter. The shared view VIEW_KEY, an experiment tag
+# the UI loads for `?viewStateShareKey=`, opens the runs table on the columns that compare runs and studies
+# (best_* and n_complete are on a study's parent run: research/sweep/summary.py).
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+VIEW_KEY = "research"
+_VIEW = {"selectedColumns": [*(f"metrics.`{m}`" for m in ("best_val_f1_macro", "best_test_f1_macro",
+                                                           "best_test_accuracy", "n_complete", "val_f1_macro",
+                                                           "test_f1_macro", "test_accuracy")),
+                             "params.`model`", "params.`lr`"]}
+EXPERIMENT_TAGS = {KIND_TAG: KIND, f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(_VIEW)}
 
 # Fail fast on a tracking server that is down: MLflow's defaults retry for minutes.
 _HTTP_DEFAULTS = {
@@ -88,17 +103,50 @@ def experiment_id(name: str) -> str:
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        for key, value in EXPERIMENT_TAGS.items():  # made before the tags, or elsewhere; a kind chosen in the UI stays
+            if key not in exp.tags:
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     location = None
     if is_local():
         location = (home() / "artifacts" / _safe(name)).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
     except Exception:  # another process created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def ui_url(route: str, **params: str) -> str:
+    """The MLflow UI's address of `route` (`experiments/1/runs`, ...) in its Model training view: on the
+    tracking server for an http(s) store, else where `python -m research ui` serves."""
+    uri = tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{base}/#/{route}?{urllib.parse.urlencode({'workflowType': 'machine_learning', **params})}"
+
+
+def experiment_url(experiment_id: str) -> str:
+    """The experiment's runs table, in the project's shared view (the columns that compare runs and studies)."""
+    return ui_url(f"experiments/{experiment_id}/runs", viewStateShareKey=VIEW_KEY)
+
+
+def run_url(run_id: str, experiment_id: str | None = None) -> str:
+    """The run's page; its experiment is looked up when not given."""
+    import mlflow
+
+    experiment_id = experiment_id or mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    return ui_url(f"experiments/{experiment_id}/runs/{run_id}")
+
+
+def model_version_url(name: str, version: str) -> str:
+    return ui_url(f"models/{urllib.parse.quote(name, safe='')}/versions/{version}")
+
+
+def ui_line(url: str) -> str:
+    """`UI: <url>`, saying how to start the UI when it is the local one."""
+    return f"UI: {url}" + ("  (start it with `python -m research ui`)" if is_local() else "")
 
 
 def _safe(name: str) -> str:

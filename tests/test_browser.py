@@ -1,4 +1,5 @@
-"""The MLflow UI in a real headless Chromium: the study's runs, their params, the champion alias.
+"""The MLflow UI in a real headless Chromium, at the addresses the commands print: the experiment's runs table
+(training view, the study's best metrics on its row), a trial's params and mistakes gallery, the champion alias.
 
 Chromium comes from Debian's packages (`chromium`), installed here when missing; never a browser
 download. Where it cannot be installed the test skips and says why. Screenshots land in the
@@ -20,12 +21,13 @@ import mlflow
 import pytest
 
 from research import config as config_mod
+from research import tracking
 from research.sweep import SweepSpec, sweep
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars", "--window-size=1500,2000", "--virtual-time-budget=15000"]
+                  "--hide-scrollbars", "--window-size=1900,2000", "--virtual-time-budget=15000"]
 
 
 def chromium() -> str:
@@ -106,20 +108,35 @@ def test_mlflow_ui_shows_study_runs_params_and_champion(filled_store, mlflow_sto
                     pytest.fail(f"the MLflow UI did not start on port {port}")
                 time.sleep(0.5)
 
-        runs_dom = page(browser, f"{base}/#/experiments/{exp_id}/runs", shots / "experiment_runs.png", tmp_path / "p1")
-        assert parent.info.run_name in runs_dom, "the study's parent run is not listed on the experiment page"
+        def open_page(url: str, name: str) -> str:  # the address a command prints, on this test's port
+            assert url.startswith(tracking.LOCAL_UI), url
+            return page(browser, base + url.removeprefix(tracking.LOCAL_UI), shots / name, tmp_path / "profiles" / name)
 
-        run_dom = page(browser, f"{base}/#/experiments/{exp_id}/runs/{child.info.run_id}",
-                       shots / "trial_run.png", tmp_path / "p2")
-        assert child.info.run_name in run_dom
+        # the experiment opens on its training runs (not the GenAI view), the study's row with its best metrics
+        runs_dom = open_page(summary["runs_url"], "experiment_runs.png")  # as `sweep` prints it
+        assert parent.info.run_name in runs_dom, "the study's parent run is not listed on the experiment page"
+        assert "Training runs" not in runs_dom and "Observability" not in runs_dom, "the GenAI view opened"
+        assert "best_val_f1_macro" in runs_dom, "no best_val_f1_macro column in the runs table"
+        best = repr(parent.data.metrics["best_val_f1_macro"]).removesuffix(".0")  # as JavaScript prints it
+        assert best in runs_dom, f"the study's row does not show its best val_f1_macro {best}"
+
+        run_dom = open_page(tracking.run_url(child.info.run_id), "trial_run.png")
+        assert child.info.run_name == f"browser #{summary['best_trial']} resnet18" and child.info.run_name in run_dom
         for key in ("lr", "sampler", "model", "dataset_version"):
             assert key in run_dom, f"param {key} not shown on the trial's run page"
         assert child.data.params["sampler"] in run_dom
 
-        model_dom = page(browser, f"{base}/#/models/illustration-classifier", shots / "registered_model.png",
-                         tmp_path / "p3")
+        gallery = tracking.ui_url(f"experiments/{exp_id}/runs/{child.info.run_id}/artifacts/mistakes_test.png")
+        artifacts_dom = open_page(gallery, "trial_mistakes.png")
+        assert 'alt="mistakes_test.png"' in artifacts_dom, "the trial's mistakes gallery is not shown"
+
+        model_dom = open_page(tracking.ui_url("models/illustration-classifier"), "registered_model.png")
         assert "champion" in model_dom, "alias champion not shown on the registered model page"
-        for name in ("experiment_runs.png", "trial_run.png", "registered_model.png"):
+        version_dom = open_page(tracking.model_version_url(promotion.name, promotion.version), "model_version.png")
+        assert f"Version {promotion.version}" in version_dom and "champion" in version_dom
+        assert child.info.run_name in version_dom, "the version page does not name its source run"
+        for name in ("experiment_runs.png", "trial_run.png", "trial_mistakes.png", "registered_model.png",
+                     "model_version.png"):
             assert (shots / name).stat().st_size > 10_000, f"{name} looks blank"
         print(f"screenshots: {shots}")
     finally:

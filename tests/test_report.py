@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
 import pytest
 
@@ -122,7 +123,8 @@ def test_report_picks_on_validation_and_matches_mlflow(studies):
         assert champ["run_id"] in text and base["run_id"] in text and "seed_recipe" in text
         assert "never used to choose" in text and "stripes" in text
     assert "| macro mean |" in md and "<img src='confusion_matrix_test.png'" in page
-    assert (out / "confusion_matrix_test.png").stat().st_size > 0
+    assert "<img src='per_class_f1_test.png'" in page and "![Champion per-class F1 (test)](per_class_f1_test.png)" in md
+    assert (out / "confusion_matrix_test.png").stat().st_size > 0 and (out / "per_class_f1_test.png").stat().st_size > 0
     saved = json.loads((out / "report.json").read_text())
     assert saved["champion"]["test_f1_macro"] == champ["test_f1_macro"]
     assert saved["champion"]["run_id"] == champ["run_id"] and saved["counts"]["COMPLETE"] == 3
@@ -131,7 +133,8 @@ def test_report_picks_on_validation_and_matches_mlflow(studies):
     # logged to the study's parent run, which stays FINISHED
     parent = client.get_run(studies.parent)
     logged = {f.path for f in client.list_artifacts(studies.parent, "report")}
-    assert {f"report/{n}" for n in ("report.md", "report.html", "report.json", "confusion_matrix_test.png")} <= logged
+    names = ("report.md", "report.html", "report.json", "confusion_matrix_test.png", "per_class_f1_test.png")
+    assert {f"report/{n}" for n in names} <= logged
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["report_champion_test_f1_macro"] == champ["test_f1_macro"]
     assert parent.data.metrics["report_champion_val_f1_macro"] == champ["val_f1_macro"]
@@ -254,6 +257,63 @@ def test_without_the_default_baseline_the_report_says_how_to_make_one(studies):
     assert rep["baseline"] is None and "sweeps/seed_recipe.yaml" in rep["baseline_note"]
     md = (out / "report.md").read_text()
     assert "no baseline" in md and "sweeps/seed_recipe.yaml" in md and rep["champion"]["run_id"] in md
+
+
+def test_the_champions_figures_are_shown_or_a_note_says_its_run_predates_them(studies, tiny_version):
+    """A champion whose run logged the split pictures (written by runlog with the test images and
+    probabilities) gets all three beside the report; then a champion run without them (an older run) gets
+    notes, and the earlier champion's figures are gone from the folder."""
+    from optuna.trial import create_trial
+
+    from research.data.cache import split_items
+    from research.data.versions import load_version
+    from research.runlog import write_split_reports
+
+    storage = f"journal:{studies.root / 'figures.journal'}"
+    optuna.copy_study(from_study_name="tiny", from_storage=make_storage(studies.storage),
+                      to_storage=make_storage(storage))
+    study = optuna.load_study(study_name="tiny", storage=make_storage(storage))
+    client = mlflow.MlflowClient()
+    experiment = client.get_run(studies.parent).info.experiment_id
+    version = load_version(tiny_version)
+    paths, y_true = split_items(version, "test")
+    y_pred = (y_true + np.arange(len(y_true)) % 2) % len(version.classes)  # every other test image wrong
+    prob = np.linspace(0.4, 0.9, len(y_true))
+
+    def champion(value: float, figures: Path | None) -> str:
+        """A finished run with a best val macro F1 of `value`, as a trial that beats the study's best."""
+        run_id = client.create_run(experiment, run_name=f"champion-{value}").info.run_id
+        client.log_metric(run_id, "val_f1_macro", value, step=1)
+        if figures is not None:
+            figures.mkdir()
+            write_split_reports({"y_true": y_true, "y_pred": y_pred}, version.classes, "test", version.name, figures,
+                                paths=paths, prob=prob)
+            client.log_artifacts(run_id, str(figures))
+        client.set_terminated(run_id)
+        best = study.best_trial
+        study.add_trial(create_trial(value=value, params=best.params, distributions=best.distributions,
+                                     user_attrs={"mlflow_run_id": run_id}))
+        return run_id
+
+    out, logged = studies.root / "figures", studies.root / "figures-logged"
+    with_figures = champion(2.0, logged)
+    rep = report("tiny", storage_url=storage, out_dir=out, log=False)
+    assert rep["champion"]["run_id"] == with_figures
+    assert rep["figures"] == ["confusion_matrix_test.png", "per_class_f1_test.png", "mistakes_test.png"]
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for name in rep["figures"]:
+        assert (out / name).read_bytes() == (logged / name).read_bytes() and str(out / name) in rep["files"]
+        assert f"<img src='{name}'" in page and f"]({name})" in md
+    assert "## Champion's most confident test mistakes" in md
+
+    older = champion(3.0, None)
+    rep = report("tiny", storage_url=storage, out_dir=out, log=False)
+    assert rep["champion"]["run_id"] == older and rep["figures"] == [] and not rep["png"]
+    assert not any((out / name).exists() for name in ("per_class_f1_test.png", "mistakes_test.png"))
+    md = (out / "report.md").read_text()
+    assert "<img" not in (out / "report.html").read_text() and "](" not in md
+    for name in ("per_class_f1_test.png", "mistakes_test.png"):
+        assert f"- run {older} has no {name} (it predates it)" in md
 
 
 def test_cli(studies, capsys):
