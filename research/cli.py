@@ -2,6 +2,7 @@
 
 A stage module exposes `add_arguments(parser)` and `run(args) -> int`. Modules are imported
 only when their command runs, so `--help` is instant and a command pays only for what it uses.
+`-v/--verbose` may stand anywhere on the line; research/logs.py says what it shows.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from research import logs
 
 # command -> (module, one-line help). The order is the pipeline's order.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,8 +27,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ui": ("research.runs", "start the MLflow UI on the tracking store"),
     "report": ("research.report",
                "a study's champion vs a baseline: val/test F1, per-class F1, importances, confusion matrix"),
+    "gc": ("research.artifacts", "show (and with --yes free) weights outside the keep rules and deleted runs' files"),
     "demo": ("research.demo", "the whole pipeline end to end on the embedded dataset"),
 }
+VERBOSE_HELP = ("anywhere on the line: show third-party INFO lines and library warnings on the terminal "
+                "(they always go to mlruns/logs/<command>-<time>-<pid>.log)")
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -36,11 +42,20 @@ def _top_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     return parser
 
 
+def _verbose(argv: list[str]) -> tuple[bool, list[str]]:
+    """-v/--verbose from anywhere on the line (before or after the command, or after a `data` action)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # `--ver` stays split's `--version`
+    parser.add_argument("-v", "--verbose", action="store_true")
+    known, rest = parser.parse_known_args(argv)
+    return known.verbose, rest
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose, argv = _verbose(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] not in COMMANDS:
         parser = _top_parser()
         if not argv:
@@ -57,14 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     from research.config import ConfigError
     from research.tracking import TrackingError
 
-    try:
-        return int(module.run(args) or 0)
-    except (ConfigError, TrackingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with logs.to_file(name, verbose) as log:
+        try:
+            return int(module.run(args) or 0)
+        except (ConfigError, TrackingError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            logs.point(log)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
 
 
 def _takes_name(module) -> bool:

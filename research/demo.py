@@ -99,18 +99,25 @@ def demo(workers: int | None = None, spec_path: Path = SPEC, predict_n: int = 12
     for col in ("file", "true", "label", "probability"):
         table.add_column(col)
     for _, row in preds.iterrows():
-        table.add_row(Path(row["file"]).name, row["true"], row["label"], f"{row['probability']:.2f}")
+        table.add_row(Path(row["file"]).name, row["true"], row["label"],
+                      "" if row["error"] else f"{row['probability']:.2f}")
     console.print(table)
 
     total = time.perf_counter() - t0
     right = int((preds["label"] == preds["true"]).sum())
-    console.print(Panel(summary_text(cleaned, notes, spec, summary, promotion, right, len(preds), version_dir, total,
-                                     timings), title="demo summary"))
+    rows = summary_rows(cleaned, notes, spec, summary, promotion, right, len(preds), version_dir, total, timings)
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()  # a long value wraps inside its own column, under its label's neighbour
+    for label, text in rows:
+        grid.add_row(label, text)
+    console.print(Panel(grid, title="demo summary"))
     return {"seconds": total, "timings": timings, "study": summary, "promotion": promotion, "predictions": preds}
 
 
-def summary_text(cleaned, notes, spec, summary, promotion, right, shown, version_dir, total, timings) -> str:
-    """The demo's outcome in words: aligned labels, rounded numbers, what to run next."""
+def summary_rows(cleaned, notes, spec, summary, promotion, right, shown, version_dir, total,
+                 timings) -> list[tuple[str, str]]:
+    """The demo's outcome in words, as (label, text) rows: rounded numbers, what to run next."""
     counts = ", ".join(f"{n} {state.lower()}" for state, n in summary["counts"].items() if n)
     params = ", ".join(f"{k}={_short(v)}" for k, v in (summary.get("best_params") or {}).items())
     photo_f1 = notes["photo_f1"]
@@ -124,6 +131,7 @@ def summary_text(cleaned, notes, spec, summary, promotion, right, shown, version
         ("champion", f"{promotion.uri}, version {promotion.version}"),
         ("", "test macro F1 " + (f"{test_f1:.3f}" if test_f1 is not None else "n/a")),
         ("sample predictions", f"{right} of {shown} right (a random sample of the test split)"),
+        ("artifacts", storage_text(summary)),
         ("data", f"{RAW}/, {CLEAN}/, {version_dir}/"),
         ("eda", f"{EDA}/"),
         ("tracking", tracking.tracking_uri()),
@@ -133,8 +141,22 @@ def summary_text(cleaned, notes, spec, summary, promotion, right, shown, version
         ("", "python -m research predict data/versions/v3/test/heart"),
         ("", "python -m research sweep sweeps/transfer_cpu.yaml"),
     ]
-    width = max(len(label) for label, _ in rows)
-    return "\n".join(f"{label:<{width}}  {text}" for label, text in rows)
+    return rows
+
+
+def storage_text(summary: dict) -> str:
+    """The study's artifact bytes: in all, and the weights of the trials that keep them."""
+    import mlflow
+
+    from research.artifacts import human, study_bytes
+
+    parent = summary.get("parent_run_id")
+    if not parent:
+        return "n/a"
+    b = study_bytes(mlflow.MlflowClient(), parent)
+    each = f", {human(b['weights'] / b['kept'])} each" if b["kept"] else ""
+    return (f"{human(b['total'])} for {b['runs']} trials: weights of {b['kept']} kept trials{each}, "
+            f"{human(b['total'] - b['weights'])} of reports and metrics")
 
 
 def _short(value) -> str:

@@ -1,18 +1,18 @@
 """Choose a run and register it: `python -m research promote`.
 
 `promote(...)` picks the best FINISHED run that has a model (default: the best of any architecture
-by its best-epoch val macro F1; `--model-filter vgg16_v2` keeps the seed's choice), logs into that
-run a pyfunc model `classifier` (research.serving.IllustrationClassifier: the preprocessing and the
-class names around the run's torch model), registers it as a new version of `illustration-classifier`,
-and moves the aliases: `champion` to the new version, `previous` to the one it replaces.
+by its best-epoch val macro F1; `--model-filter vgg16_v2` keeps the seed's choice), registers the
+run's own model `model` as a new version of `illustration-classifier` (no copy: that model is both
+a torch module and the pyfunc, see research/runlog.py), and moves the aliases: `champion` to the new
+version, `previous` to the one it replaces.
 
 Aliases are the lasting interface (`models:/illustration-classifier@champion`). Stages
 (`models:/illustration-classifier/Production`) are deprecated upstream (MLflow 2.9+) and still
 work in MLflow 3.17 with a FutureWarning; we also transition the new version to `Production`
 (archiving the old one) while the installed MLflow supports it, and warn when it does not.
 
-Loading and serving a registered model lives in research.serving. The torch module stays loadable
-for fine-tuning: `mlflow.pytorch.load_model(<version tag torch_model_uri>)`, i.e. `runs:/<run_id>/model`.
+Loading and serving a registered model lives in research.serving. The torch module loads for
+fine-tuning with `mlflow.pytorch.load_model("models:/illustration-classifier@champion")`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import base64
 import contextlib
 import dataclasses
 import io
+import logging
 import math
 import tempfile
 import warnings
@@ -42,9 +43,10 @@ from research.serving import (  # IllustrationClassifier here also unpickles pyf
     first_line,
     load_model,  # noqa: F401 - re-exported: research/demo.py imports it from here
     pip_requirements,
-    prob_column,
     read_meta,
+    signature,
 )
+from research.store import best_value, database_lock, logged_models, minimise, search_all_runs
 
 console = Console()
 
@@ -52,7 +54,6 @@ PYFUNC_NAME = "classifier"  # the pyfunc model's name inside the source run
 TORCH_NAME = "model"  # the torch model's name inside a training run (research/train.py)
 DEFAULT_FILTER = None  # any architecture: the best run wins, whatever its params.model
 DEFAULT_METRIC = "val_f1_macro"
-LOWER_IS_BETTER = ("loss",)  # a metric whose name contains one of these is minimised
 
 
 class PromotionRefused(ConfigError):
@@ -101,41 +102,7 @@ def run_filter(study: str | None, model_filter: str | None) -> str:
 
 def runs_with_model(client, experiment_ids: list[str]) -> set[str]:
     """Run ids that logged a torch model named `model` (MLflow 3 keeps it as a LoggedModel)."""
-    out: set[str] = set()
-    for start in range(0, len(experiment_ids), 100):
-        token = None
-        while True:
-            page = client.search_logged_models(experiment_ids[start : start + 100],
-                                               filter_string=f"name = '{TORCH_NAME}'", page_token=token)
-            out.update(m.source_run_id for m in page if m.source_run_id)
-            token = page.token
-            if not token:
-                break
-    return out
-
-
-def search_all_runs(client, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs(experiment_ids, filter_string, max_results=1000, order_by=order_by, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def best_value(client, run, metric: str) -> float | None:
-    """The metric's best value over the run's history (max, or min for a loss); None when never logged."""
-    if metric not in run.data.metrics:
-        return None
-    history = [m.value for m in client.get_metric_history(run.info.run_id, metric) if not math.isnan(m.value)]
-    if not history:
-        return None
-    return min(history) if _minimise(metric) else max(history)
-
-
-def _minimise(metric: str) -> bool:
-    return any(word in metric for word in LOWER_IS_BETTER)
+    return {m.source_run_id for m in logged_models(client, experiment_ids, name=TORCH_NAME) if m.source_run_id}
 
 
 def pick_run(client, *, study: str | None = None, run_id: str | None = None, experiment: str | None = None,
@@ -164,7 +131,7 @@ def pick_run(client, *, study: str | None = None, run_id: str | None = None, exp
             f"the filter). Train one (`{train}`), or widen the search: {widen}another --study/--experiment, "
             "or --run RUN_ID."
         )
-    sign = -1.0 if _minimise(metric) else 1.0
+    sign = -1.0 if minimise(metric) else 1.0
     # ties go to the earlier run: a re-run that merely equals the champion does not displace it
     scored.sort(key=lambda c: (-sign * c.score, c.run.info.start_time or 0))
     return scored[0]
@@ -180,9 +147,7 @@ def _named_run(client, run_id: str, metric: str) -> Candidate:
     if run.info.status != "FINISHED":
         raise ConfigError(f"Run {run_id} is {run.info.status}, not FINISHED; only finished runs can be promoted "
                           "(pruned trials end KILLED and have no model).")
-    if run_id not in runs_with_model(client, [run.info.experiment_id]):
-        raise ConfigError(f"Run {run_id} has no torch model `{TORCH_NAME}` (it was not logged by research/train.py, "
-                          "or the run was pruned).")
+    run_model(client, run_id)  # or the error saying why it has none
     value = best_value(client, run, metric)
     return Candidate(run, math.nan if value is None else value, metric)
 
@@ -204,6 +169,7 @@ class Promotion:
     stage: str | None = None
     stage_note: str = ""
     torch_model_uri: str = ""
+    overtaken_by: str | None = None  # another promote moved @champion here meanwhile (an mlflow server has no lock)
 
     @property
     def uri(self) -> str:
@@ -260,6 +226,58 @@ def version_tags(cand: Candidate, meta: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def run_model(client, run_id: str):
+    """The run's live logged model `model` (its best weights), or a ConfigError naming why there is none."""
+    from research.artifacts import WEIGHTS_DELETED
+
+    run = client.get_run(run_id)
+    found = [m for m in logged_models(client, [run.info.experiment_id], {run_id}) if m.name == TORCH_NAME]
+    if not found:
+        why = ("its weights were dropped by its study's keep_top_k" if run.data.tags.get(WEIGHTS_DELETED) == "true"
+               else "it was not logged by research/train.py, or the run was pruned")
+        raise ConfigError(f"Run {run_id} has no model `{TORCH_NAME}`: {why}.")
+    return max(found, key=lambda m: m.creation_timestamp or 0)
+
+
+def read_model_meta(model) -> dict[str, Any]:
+    """A logged model's extra_files/model_meta.json, without downloading its weights."""
+    import json
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{model.artifact_location}/extra_files/model_meta.json", dst_path=tmp)
+        return json.loads(Path(path).read_text())
+
+
+def register(client, cand: Candidate, name: str) -> str:
+    """Register the run's own model (no copy); a model logged before it served as the pyfunc gets a
+    pyfunc `classifier` around a copy of it, as earlier versions of this code did."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    model = run_model(client, cand.run_id)
+    info = mlflow.models.get_model_info(f"models:/{model.model_id}")
+    if info.flavors.get("python_function", {}).get("loader_module") == "research.serving":
+        model_uri, meta = f"models:/{model.model_id}", read_model_meta(model)
+    else:
+        model_uri, meta = log_pyfunc(client, cand.run_id)
+    said = io.StringIO()  # MLflow prints "Successfully registered model ..." to stderr: it goes to the log
+    with contextlib.redirect_stderr(said):
+        version = mlflow.register_model(model_uri, name, tags=version_tags(cand, meta))
+    for line in said.getvalue().splitlines():
+        logging.getLogger(__name__).info(line)
+    with contextlib.suppress(MlflowException):
+        if not client.get_registered_model(name).description:
+            client.update_registered_model(name, description=(
+                "Illustration classifier (pyfunc: column `image` = base64 image bytes -> label, probability, "
+                f"p_<class>, error). Load `models:/{name}@{CHAMPION}`: the alias is the lasting interface; stage "
+                f"`{STAGE}` is kept while MLflow supports stages (deprecated upstream). The same model loads as a "
+                "torch module with mlflow.pytorch.load_model, for fine-tuning."))
+    return str(version.version)
+
+
 def input_example() -> pd.DataFrame:
     """A 32x32 white PNG, base64: the shape of a request."""
     from PIL import Image
@@ -269,21 +287,9 @@ def input_example() -> pd.DataFrame:
     return pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode("ascii")]})
 
 
-def signature(classes: list[str]):
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
-    outputs = [ColSpec("string", "label"), ColSpec("double", "probability")]
-    outputs += [ColSpec("double", prob_column(c)) for c in classes]
-    outputs.append(ColSpec("string", "error"))
-    return ModelSignature(inputs=Schema([ColSpec("string", "image")]), outputs=Schema(outputs))
-
-
 def log_pyfunc(client, run_id: str) -> tuple[str, dict[str, Any]]:
-    """Log the pyfunc `classifier` into `run_id` (its end time kept) around a copy of its torch model.
-
-    Returns the logged model's URI and the torch model's model_meta.json.
-    """
+    """For a run logged before its model was the pyfunc: log a pyfunc `classifier` into `run_id` (its end
+    time kept) around a copy of its torch model. Returns the logged model's URI and its model_meta.json."""
     import mlflow
 
     run = client.get_run(run_id)
@@ -291,32 +297,15 @@ def log_pyfunc(client, run_id: str) -> tuple[str, dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         torch_dir = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{TORCH_NAME}", dst_path=tmp)
         meta = read_meta(torch_dir)
-        classes = meta["classes"]
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=PYFUNC_NAME, python_model=IllustrationClassifier(), artifacts={"torch_model": torch_dir},
                 code_paths=[str(Path(__file__).resolve().parent)], pip_requirements=pip_requirements(),
-                signature=signature(classes), input_example=input_example(),
+                signature=signature(meta["classes"]), input_example=input_example(),
             )
     # re-opening the run set it RUNNING and moved its end time; the training's own times stay
     client.set_terminated(run_id, status=status, end_time=end_time)
     return info.model_uri, meta
-
-
-def register(client, cand: Candidate, name: str) -> str:
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    model_uri, meta = log_pyfunc(client, cand.run_id)
-    version = mlflow.register_model(model_uri, name, tags=version_tags(cand, meta))
-    with contextlib.suppress(MlflowException):
-        if not client.get_registered_model(name).description:
-            client.update_registered_model(name, description=(
-                "Illustration classifier (pyfunc: column `image` = base64 image bytes -> label, probability, "
-                f"p_<class>, error). Load `models:/{name}@{CHAMPION}`: the alias is the lasting interface; stage "
-                f"`{STAGE}` is kept while MLflow supports stages (deprecated upstream). The torch module of a "
-                "version: its tag torch_model_uri."))
-    return str(version.version)
 
 
 def move_aliases(client, name: str, new: str, old: str | None) -> None:
@@ -347,14 +336,44 @@ def promote(*, study: str | None = None, run_id: str | None = None, experiment: 
     within `study` or `experiment` when given; `run_id` skips the choice.
 
     Raises PromotionRefused when the candidate's test macro F1 is below the champion's and not `force`.
-    Promoting the current champion's run again changes nothing.
+    Promoting the current champion's run again changes nothing. Promotes of one name are serialised
+    (a lock on the store: a file lock beside sqlite, an advisory lock on PostgreSQL); against an
+    `mlflow server`, which offers no lock, the champion is re-read at the end and reported as it is.
     """
     import mlflow
+    from mlflow.exceptions import MlflowException
 
+    check_name(name)
     tracking.setup()
     tracking.check_reachable()
     client = mlflow.MlflowClient()
     cand = pick_run(client, study=study, run_id=run_id, experiment=experiment, model_filter=model_filter, metric=metric)
+    uri = tracking.tracking_uri()
+    try:
+        with database_lock(uri, f"promote:{name}"):
+            result = _promote(client, cand, name, metric, force)
+        champ = current_champion(client, name)  # what is true now, whatever ran beside us
+    except (MlflowException, OSError) as exc:
+        raise ConfigError(f"promote could not write to the tracking store {uri}: {first_line(exc)}. Check that "
+                          "the store is writable (file permissions, the server's access rules).") from None
+    if champ is not None and str(champ.version) != result.version:
+        result.overtaken_by = str(champ.version)
+    return result
+
+
+def check_name(name: str) -> None:
+    """A registered model name MLflow accepts, checked before anything is written."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+    except MlflowException as exc:
+        raise ConfigError(f"--name {name!r}: {first_line(exc)} Use a plain name such as {MODEL_NAME}.") from None
+
+
+def _promote(client, cand: Candidate, name: str, metric: str, force: bool) -> Promotion:
+    """The decision and the writes, under the promote lock: the champion read here is the current one."""
     champ = current_champion(client, name)
     champ_f1 = _tag_float(champ, "test_f1_macro") if champ is not None else None
     result = Promotion(name, "", cand.run_id, metric, cand.score, cand.test_f1,
@@ -423,23 +442,24 @@ def print_promotion(p: Promotion) -> None:
     if p.already_champion:
         console.print(f"[green]run {p.run_id} is already the champion[/]: {p.name} version {p.version} "
                       f"(@{CHAMPION}); nothing changed.")
-        return
-    table = Table(title=f"promoted {p.name} version {p.version}", show_header=False)
-    table.add_column("", style="bold")
-    table.add_column("")
-    rows = [
-        ("source run", p.run_id),
-        (f"best {p.metric}", _fmt(p.score)),
-        ("test_f1_macro", _fmt(p.test_f1)),
-        ("version", p.version + (" (existing version of this run)" if p.reused_version else " (new)")),
-        (f"alias @{CHAMPION}", f"-> version {p.version}"),
-        (f"alias @{PREVIOUS}", f"-> version {p.previous_version} (test_f1_macro {_fmt(p.previous_test_f1)})"
-         if p.previous_version and p.previous_version != p.version else "-"),
-        ("stage", f"{p.stage} (older versions archived; {p.stage_note})" if p.stage else p.stage_note),
-        ("load (pyfunc)", p.uri),
-        ("load (torch)", f"mlflow.pytorch.load_model({p.torch_model_uri!r})"),
-        ("serve", f"mlflow models serve -m {p.uri} --env-manager local -p 5001"),
-    ]
-    for key, value in rows:
-        table.add_row(key, value)
-    console.print(table)
+    else:
+        table = Table(title=f"promoted {p.name} version {p.version}", show_header=False)
+        table.add_column("", style="bold")
+        table.add_column("")
+        rows = [
+            ("source run", p.run_id),
+            (f"best {p.metric}", _fmt(p.score)),
+            ("test_f1_macro", _fmt(p.test_f1)),
+            ("version", p.version + (" (existing version of this run)" if p.reused_version else " (new)")),
+            (f"alias @{CHAMPION}", f"-> version {p.version}"),
+            (f"alias @{PREVIOUS}", f"-> version {p.previous_version} (test_f1_macro {_fmt(p.previous_test_f1)})"
+             if p.previous_version and p.previous_version != p.version else "-"),
+            ("stage", f"{p.stage} (older versions archived; {p.stage_note})" if p.stage else p.stage_note),
+            ("load (pyfunc)", p.uri),
+            ("load (torch)", f"mlflow.pytorch.load_model({p.torch_model_uri!r})"),
+            ("serve", f"mlflow models serve -m {p.uri} --env-manager local -p 5001"),
+        ]
+        for key, value in rows:
+            table.add_row(key, value)
+        console.print(table)
+    console.print(tracking.ui_line(tracking.model_version_url(p.name, p.version)), markup=False, soft_wrap=True)

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import torch
 
+from research.figures import mistakes_gallery, per_class_f1_figure
 from research.metrics import classification_report_frame, confusion_matrix_figure, confusion_matrix_frame
-from research.serving import pip_requirements
+from research.serving import pip_requirements, signature
 
 EPOCH_METRICS = (
     "train_loss", "val_loss", "val_accuracy", "val_precision_macro", "val_recall_macro", "val_f1_macro",
@@ -75,32 +75,47 @@ def test_metrics(result: dict[str, Any], classes: list[str]) -> dict[str, float]
     return metrics
 
 
-def write_split_reports(result: dict[str, Any], classes: list[str], split: str, version_name: str, out: Path) -> None:
-    import matplotlib.pyplot as plt
-
+def write_split_reports(result: dict[str, Any], classes: list[str], split: str, version_name: str, out: Path, *,
+                        paths=None, prob=None) -> None:
+    """classification_report_, confusion_matrix_ (CSV, PNG) and per_class_f1_{split}.png into `out`; with `paths`
+    and `prob` (each image's file and predicted-class probability, in result's order) also mistakes_{split}.png."""
+    if (paths is None) != (prob is None):
+        raise ValueError("write_split_reports: pass paths and prob together (the mistakes gallery needs both)")
     y_true, y_pred = result["y_true"], result["y_pred"]
-    classification_report_frame(y_true, y_pred, classes).to_csv(out / f"classification_report_{split}.csv", index=False)
+    report = classification_report_frame(y_true, y_pred, classes)
+    report.to_csv(out / f"classification_report_{split}.csv", index=False)
     confusion_matrix_frame(y_true, y_pred, classes).to_csv(out / f"confusion_matrix_{split}.csv")
-    fig = confusion_matrix_figure(y_true, y_pred, classes, f"{split} ({version_name})")
-    fig.savefig(out / f"confusion_matrix_{split}.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    title = f"{split} ({version_name})"
+    figures = {f"confusion_matrix_{split}.png": confusion_matrix_figure(y_true, y_pred, classes, title),
+               f"per_class_f1_{split}.png": per_class_f1_figure(report["f1"], classes, report["support"], title)}
+    if paths is not None:
+        figures[f"mistakes_{split}.png"] = mistakes_gallery(paths, y_true, y_pred, prob, classes, title=title)
+    for name, fig in figures.items():
+        fig.savefig(out / name, dpi=110, bbox_inches="tight")
 
 
 def metric_safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_./ " else "_" for c in name)
 
 
-def log_torch_model(model: torch.nn.Module, image_size: int, meta_file: Path) -> None:
-    """The best-val module as an MLflow pytorch model `model` (pickle format: it can be fine-tuned)."""
-    from mlflow.models import infer_signature
-
+def log_model(model: torch.nn.Module, meta_file: Path, classes: list[str]) -> None:
+    """The best-val module as the run's one model `model`: an `mlflow.pytorch` model (pickle format, so
+    `mlflow.pytorch.load_model` gives a module to fine-tune) whose pyfunc flavor is research.serving's
+    classifier (base64 images in, labels out), so `promote` registers it as is and no copy is stored."""
     model = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
-    example = np.zeros((1, 3, image_size, image_size), dtype=np.float32)
-    with torch.no_grad():
-        out = model(torch.from_numpy(example)).numpy()
-    # a signature, no input example: at 224 px the example alone is a 1 MB JSON per run
-    mlflow.pytorch.log_model(
-        model, name="model", serialization_format="pickle", pip_requirements=pip_requirements(),
-        signature=infer_signature(example, out), extra_files=[str(meta_file)],
-        code_paths=[str(Path(__file__).resolve().parent)],
+    # a signature, no input example: validating one would load the model a second time per run
+    mlflow.models.Model.log(
+        artifact_path=None, name="model", flavor=_ClassifierFlavor, flavor_name="mlflow.pytorch", pytorch_model=model,
+        serialization_format="pickle", pip_requirements=pip_requirements(), signature=signature(classes),
+        extra_files=[str(meta_file)], code_paths=[str(Path(__file__).resolve().parent)],
     )
+
+
+class _ClassifierFlavor:
+    """`mlflow.pytorch.save_model`, with the python_function flavor loaded by research.serving."""
+
+    @staticmethod
+    def save_model(path: str, mlflow_model, **kwargs) -> None:
+        mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+        mlflow_model.flavors["python_function"]["loader_module"] = "research.serving"
+        mlflow_model.save(str(Path(path) / "MLmodel"))

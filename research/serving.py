@@ -5,7 +5,7 @@ class names and the preprocessing it was trained with (image size, mean/std, int
 `Classifier` turns image bytes into class probabilities with exactly that preprocessing, through
 the same `research.data.image.decode` and `normalize` that training uses. `IllustrationClassifier`
 is the registered pyfunc around it: column `image` (base64 image bytes) in; `label`,
-`probability`, `p_<class>` and `error` out, one row per input row.
+`probability`, `p_<class>` and `error` out, one row per image (a failed row's numbers are None).
 
 `load_model(uri)` gives anything with `.predict(DataFrame)` for a registered version, an alias,
 a stage, or a training run's torch model; `load_champion()` is `models:/illustration-classifier@champion`.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import re
 import warnings
 from pathlib import Path
@@ -101,7 +100,10 @@ def prob_column(cls: str) -> str:
 
 
 def decode_payload(value: Any) -> bytes:
-    """A cell of the `image` column -> image bytes: base64 text (the interface) or raw bytes."""
+    """A cell of the `image` column -> image bytes: base64 text (the interface) or raw bytes.
+
+    Whitespace anywhere is dropped first: `base64` and MIME encoders wrap lines at 76 columns (\\n or \\r\\n).
+    """
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     if not isinstance(value, str):
@@ -110,7 +112,7 @@ def decode_payload(value: Any) -> bytes:
     if text.startswith("data:") and "," in text:  # a data URL: data:image/png;base64,....
         text = text.split(",", 1)[1]
     try:
-        return base64.b64decode(text, validate=True)
+        return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError(f"not base64: {exc}") from exc
 
@@ -163,12 +165,18 @@ class Classifier:
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """DataFrame with column `image` -> label, probability, p_<class>..., error (one row per input row)."""
+        """DataFrame with column `image` -> label, probability, p_<class>..., error: one row per image.
+
+        A cell holding a list is that many images (MLflow turns `{'image': [b64, ...]}` into one such row).
+        A failed row's probability and p_<class> are None, which MLflow's scoring server writes as JSON null
+        (NaN would be written as a bare `NaN`, which is not JSON): those columns are then of object dtype,
+        and float64 when every row was read.
+        """
         if "image" not in frame.columns:
             raise ValueError("input needs a column 'image' of base64-encoded image bytes; "
                              f"got columns {list(frame.columns)}")
         arrays, ok, errors = [], [], []
-        for value in frame["image"].tolist():
+        for value in images_of(frame["image"]):
             try:
                 arrays.append(self.pixels(decode_payload(value)))
                 ok.append(True)
@@ -176,18 +184,26 @@ class Classifier:
             except Exception as exc:  # one unreadable image is that row's error, not the batch's
                 ok.append(False)
                 errors.append(row_error(exc))
-        probs = np.full((len(ok), len(self.classes)), np.nan, dtype=np.float64)
+        ok = np.array(ok, dtype=bool)
+        probs = np.zeros((len(ok), len(self.classes)), dtype=np.float64)
         if arrays:
-            probs[np.array(ok)] = self.probabilities(arrays)
-        best = np.where(np.array(ok, dtype=bool), np.nan_to_num(probs, nan=-1.0).argmax(1), -1)
-        out = pd.DataFrame({
-            "label": [self.classes[i] if i >= 0 else "" for i in best],
-            "probability": [float(probs[r, i]) if i >= 0 else math.nan for r, i in enumerate(best)],
-        })
+            probs[ok] = self.probabilities(arrays)
+        best = probs.argmax(1)
+        out = pd.DataFrame({"label": [self.classes[i] if good else "" for i, good in zip(best, ok)],
+                            "probability": probs[np.arange(len(ok)), best]})
         for j, cls in enumerate(self.classes):
             out[prob_column(cls)] = probs[:, j]
         out["error"] = errors
+        if not ok.all():
+            numeric = ["probability", *map(prob_column, self.classes)]
+            out[numeric] = out[numeric].astype(object)
+            out.loc[~ok, numeric] = None
         return out
+
+
+def images_of(column: pd.Series) -> list[Any]:
+    """The `image` column's cells in order, a list-like cell taken as that many images."""
+    return [v for cell in column.tolist() for v in (cell if isinstance(cell, (list, tuple, np.ndarray)) else [cell])]
 
 
 def classifier_from_torch_dir(model_dir: str | Path, device: str | None = None) -> Classifier:
@@ -249,7 +265,9 @@ class ClassifierModel:
     def __init__(self, classifier: Classifier):
         self.classifier = classifier
 
-    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+    def predict(self, frame: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        if not isinstance(frame, pd.DataFrame):
+            frame = pd.DataFrame(frame)
         return self.classifier.predict_frame(frame)
 
 
@@ -257,3 +275,23 @@ def first_line(exc: Exception) -> str:
     """An exception's first line (MLflow's can run to pages), for error messages."""
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
+
+
+# ------------------------------------------------------------------------------ the run's model as a pyfunc
+
+def signature(classes: list[str]):
+    """The pyfunc's interface: column `image` in; label, probability, p_<class>, error out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    outputs = [ColSpec("string", "label"), ColSpec("double", "probability")]
+    outputs += [ColSpec("double", prob_column(c)) for c in classes]
+    outputs.append(ColSpec("string", "error"))
+    return ModelSignature(inputs=Schema([ColSpec("string", "image")]), outputs=Schema(outputs))
+
+
+def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> ClassifierModel:
+    """MLflow's pyfunc loader for a training run's model (research/runlog.py points its python_function
+    flavor here): `data_path` is the model's `data/` folder; the model folder around it is also a
+    plain `mlflow.pytorch` model, so the same weights serve prediction and fine-tuning."""
+    return ClassifierModel(classifier_from_torch_dir(Path(data_path).parent))

@@ -26,16 +26,16 @@ import numpy as np
 import torch
 from optuna import TrialPruned
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from research import checkpoints, models, runlog, tracking
 from research import config as config_mod
 from research.config import ConfigError, TrainConfig
+from research.data.cache import split_items
 from research.data.loaders import Loaders, build_loaders
 from research.data.versions import Version, load_version, mlflow_dataset
 from research.losses import build_loss
 from research.metrics import classification_metrics
+from research.progress import EpochDisplay
 from research.schedules import Schedule, build_optimizer, build_scheduler, layer_decay_scales, param_groups
 from research.serving import model_meta
 
@@ -197,11 +197,9 @@ def build_parts(cfg: TrainConfig) -> Parts:
 def fit(parts: Parts, state: TrainState, ckdir: Path, run_id: str, on_epoch) -> None:
     """Epochs from state.epoch + 1: train, evaluate, checkpoint, log; best weights kept in best.pt."""
     cfg, client = parts.cfg, mlflow.MlflowClient()
-    table = EpochTable()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as progress:
+    with EpochDisplay(console, cfg.epochs) as display:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
-            row = run_epoch(parts, epoch, progress, state.total_seconds)
+            row = run_epoch(parts, epoch, display, state.total_seconds)
             state.history.append(row)
             state.epoch, state.total_seconds = epoch, row["total_seconds"]
             if row["val_f1_macro"] > state.best_val_f1:
@@ -212,7 +210,7 @@ def fit(parts: Parts, state: TrainState, ckdir: Path, run_id: str, on_epoch) -> 
             checkpoints.atomic_save(checkpoint(parts, state, run_id), ckdir / "last.pt")
             with runlog.hold_ctrl_c():
                 runlog.log_epoch(client, run_id, row)
-            table.print(row)
+            display.add(row)
             if on_epoch is not None:
                 on_epoch(epoch, row)
             if cfg.early_stopping_patience and state.stale >= cfg.early_stopping_patience:
@@ -221,7 +219,7 @@ def fit(parts: Parts, state: TrainState, ckdir: Path, run_id: str, on_epoch) -> 
                 break
 
 
-def run_epoch(parts: Parts, epoch: int, progress: Progress, seconds_before: float) -> dict[str, float]:
+def run_epoch(parts: Parts, epoch: int, display: EpochDisplay, seconds_before: float) -> dict[str, float]:
     """One epoch of training and validation -> the epoch's metrics row."""
     cfg = parts.cfg
     t0 = time.perf_counter()
@@ -230,7 +228,8 @@ def run_epoch(parts: Parts, epoch: int, progress: Progress, seconds_before: floa
     if hasattr(parts.criterion, "set_epoch"):
         parts.criterion.set_epoch(epoch)
     lr = parts.scheduler.current_lr()
-    train_loss = train_one_epoch(parts, epoch, progress)
+    with display.batches(epoch, len(parts.data.train)) as advance:
+        train_loss = train_one_epoch(parts, epoch, advance)
     if not math.isfinite(train_loss):
         raise TrainingDiverged(
             f"epoch {epoch}: train loss is {train_loss} (lr={lr:.2e}, {cfg.optimizer}); the run diverged. "
@@ -245,7 +244,7 @@ def run_epoch(parts: Parts, epoch: int, progress: Progress, seconds_before: floa
     }
 
 
-def train_one_epoch(parts: Parts, epoch: int, progress: Progress) -> float:
+def train_one_epoch(parts: Parts, epoch: int, advance=lambda images: None) -> float:
     """Mean training loss over the epoch's batches."""
     module, optimizer, device, amp = parts.step_module, parts.optimizer, parts.device, parts.cfg.amp
     if models_unwrap(module) is parts.model:
@@ -253,7 +252,6 @@ def train_one_epoch(parts: Parts, epoch: int, progress: Progress) -> float:
     else:
         module.train()
     total, count = 0.0, 0
-    task = progress.add_task(f"epoch {epoch}", total=len(parts.data.train))
     with closing_iter(parts.data.train.epoch(epoch)) as batches:
         for x, y in batches:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -268,8 +266,7 @@ def train_one_epoch(parts: Parts, epoch: int, progress: Progress) -> float:
                 parts.ema.update(models_unwrap(module))
             total += float(loss.detach()) * x.shape[0]
             count += x.shape[0]
-            progress.advance(task)
-    progress.remove_task(task)
+            advance(x.shape[0])
     parts.scheduler.step_epoch()
     if count == 0:
         raise ConfigError("The training split yielded no batch: batch_size is larger than the training set.")
@@ -286,7 +283,10 @@ def finish(parts: Parts, ckdir: Path, best_epoch: int) -> dict[str, float]:
         results = {}
         for split, batches in (("val", parts.data.val), ("test", parts.data.test)):
             results[split] = evaluate(module, batches, parts.device, parts.cfg.amp, len(classes))
-            runlog.write_split_reports(results[split], classes, split, parts.version.name, tmp)
+            gallery = {}  # the worst test mistakes as pictures: the images in the loaders' order
+            if split == "test":
+                gallery = {"paths": split_items(parts.version, split)[0], "prob": results[split]["prob"]}
+            runlog.write_split_reports(results[split], classes, split, parts.version.name, tmp, **gallery)
         (tmp / "confusion_matrix.png").write_bytes((tmp / "confusion_matrix_test.png").read_bytes())
         meta = model_meta(classes=classes, **parts.prep.as_dict(), model=parts.cfg.model,
                           dataset_version=parts.version.name, dataset_digest=parts.version.digest,
@@ -294,10 +294,9 @@ def finish(parts: Parts, ckdir: Path, best_epoch: int) -> dict[str, float]:
         (tmp / "model_meta.json").write_text(json.dumps(meta, indent=2))
         for f in sorted(tmp.iterdir()):
             mlflow.log_artifact(str(f))
-        mlflow.log_artifact(str(ckdir / "best.pt"), artifact_path="checkpoint")
         metrics = runlog.test_metrics(results["test"], classes) | {"best_epoch": float(best_epoch)}
         mlflow.log_metrics(metrics)
-        runlog.log_torch_model(models_unwrap(parts.model), parts.prep.image_size, tmp / "model_meta.json")
+        runlog.log_model(models_unwrap(parts.model), tmp / "model_meta.json", classes)
     return metrics
 
 
@@ -399,7 +398,7 @@ def tracked_run(cfg: TrainConfig, *, run_id: str | None = None, parent_run_id: s
             mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
-    shutil.rmtree(ckdir, ignore_errors=True)  # the best checkpoint and the model live in the run now
+    shutil.rmtree(ckdir, ignore_errors=True)  # the best weights live in the run's model now
 
 
 def _has_psutil() -> bool:
@@ -463,37 +462,18 @@ def evaluate(model, batches, device, amp, num_classes) -> dict[str, Any]:
     metrics = classification_metrics(y_true, y_pred, num_classes)
     metrics["loss"] = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_true)))
     metrics["y_true"], metrics["y_pred"] = y_true, y_pred
+    metrics["prob"] = torch.softmax(torch.from_numpy(logits), 1).max(1).values.numpy()  # the predicted class's
     return metrics
-
-
-class EpochTable:
-    """The seed's per-epoch box (losses, val accuracy and macro P/R/F1, lr, seconds; fits 80 columns)."""
-
-    COLUMNS = ("epoch", "train\nloss", "val\nloss", "val\nacc", "val\nP", "val\nR", "val\nF1", "lr", "sec")
-
-    def __init__(self) -> None:
-        self.header_shown = False
-
-    def print(self, r: dict[str, float]) -> None:
-        table = Table(show_edge=False, padding=(0, 1), show_header=not self.header_shown)
-        for col in self.COLUMNS:
-            table.add_column(col, justify="right", no_wrap=True, min_width=6)
-        table.add_row(
-            str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}", f"{r['val_accuracy']:.3f}",
-            f"{r['val_precision_macro']:.3f}", f"{r['val_recall_macro']:.3f}", f"{r['val_f1_macro']:.3f}",
-            f"{r['lr']:.1e}", f"{r['epoch_seconds']:.0f}",
-        )
-        self.header_shown = True
-        console.print(table)
 
 
 def print_start(parts: Parts, run_id: str, state: TrainState) -> None:
     cfg, prep = parts.cfg, parts.prep
     frozen = "frozen trunk, " if cfg.trunk_frozen_throughout else ""
+    start = f"epochs {state.epoch + 1}-{cfg.epochs}" if state.epoch else f"{cfg.epochs} epochs"
     console.print(
-        f"[bold]run[/] {run_id}  model={cfg.model} head={cfg.head} data={parts.version.name} "
-        f"({len(parts.data.train_labels)} train) {frozen}{prep.image_size}px {prep.interpolation} "
-        f"device={parts.device} epochs={cfg.epochs} start={state.epoch + 1}"
+        f"[bold]run[/] {run_id}: {cfg.model} ({cfg.head} head) on {parts.version.name}, "
+        f"{len(parts.data.train_labels)} training images, {frozen}{prep.image_size} px {prep.interpolation}, "
+        f"{parts.device}, {start}"
     )
 
 
@@ -551,4 +531,5 @@ def config_from_args(args) -> TrainConfig:
 
 def run(args) -> int:
     result = resume(args.resume) if args.resume is not None else train(config_from_args(args))
+    console.print(tracking.ui_line(tracking.run_url(result.run_id)), markup=False, soft_wrap=True)
     return 0 if result.status == "FINISHED" else 1

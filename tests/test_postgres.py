@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 ADMIN_DSN = f"host={PG_HOST} port={PG_PORT} user={PG_USER} dbname=postgres connect_timeout=3"
-N_TRIALS, N_WORKERS = 6, 3
+N_TRIALS, N_WORKERS, KEEP = 6, 3, 2
 MODEL_NAME = "illustration-classifier"
 
 
@@ -165,6 +165,7 @@ def _write_spec(path: Path, version_dir: Path, checkpoints: Path, study: str) ->
         "space": {"lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-1, "log": True}},
         "sampler": {"name": "random", "seed": 0},
         "pruner": {"name": "none"},
+        "keep_top_k": KEEP,
     }
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -278,6 +279,16 @@ def test_workers_share_a_postgres_study_and_an_mlflow_server(postgres, mlflow_se
     assert {r.info.run_id for r in children} == {t.user_attrs["mlflow_run_id"] for t in trials}
     assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in children), \
         "artifacts should be served by the server (--serve-artifacts)"
+
+    # --- keep_top_k through the server: the weights of KEEP trials stay, the others' files are gone
+    from research.store import logged_models
+
+    kept = logged_models(client, [parent.info.experiment_id], {r.info.run_id for r in children})
+    assert len(kept) == KEEP, f"{len(kept)} trials keep weights, expected keep_top_k={KEEP}"
+    dropped = [r for r in children if r.data.tags.get("weights_deleted") == "true"]
+    assert len(dropped) == N_TRIALS - KEEP and not {r.info.run_id for r in dropped} & {m.source_run_id for m in kept}
+    weights = list((tmp_path / "mlartifacts").rglob("model.pth"))  # the server's own artifact folder
+    assert len(weights) == KEEP, f"{len(weights)} weight files behind the server, expected {KEEP}: {weights}"
 
     # --- the registry, through the server: promote the study's best run, load the champion, predict
     t_promote = time.time()

@@ -19,7 +19,7 @@ from PIL import Image
 from research import predict as predict_mod
 from research.cli import main
 from research.config import ConfigError
-from research.predict import collect, predict_files
+from research.predict import MAX_BATCH_BYTES, collect, plan_batches, predict_files
 from research.registry import promote
 from research.serving import load_model
 from tests.test_serving import b64, free_port, log_tiny_model, odd_image
@@ -64,7 +64,6 @@ def test_predict_directory_reports_corrupt_file_and_matches_pyfunc(mlflow_store,
     assert by_name["a.png"]["label"] == direct["label"][0]
     assert by_name["a.png"]["probability"] == pytest.approx(direct["probability"][0], abs=1e-6)
     pd.testing.assert_frame_equal(load_model(f"runs:/{run_id}/model").predict(frame), direct, atol=1e-6)
-    pd.testing.assert_frame_equal(load_model(f"runs:/{run_id}/classifier").predict(frame), direct, atol=1e-6)
 
     capsys.readouterr()
     monkeypatch.setattr(predict_mod.console, "width", 200)  # a terminal, not pytest's 80 columns
@@ -106,3 +105,19 @@ def test_predict_fails_fast_when_the_tracking_server_is_down(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert "not reachable" in err and uri in err and time.monotonic() - start < 30
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]  # no mlruns/ left behind
+
+
+def test_batches_are_bounded_by_count_and_by_bytes(tmp_path):
+    def sized(name: str, size: int) -> Path:
+        path = tmp_path / name
+        path.write_bytes(b"\0" * size)
+        return path
+
+    quarter = MAX_BATCH_BYTES // 4
+    small = [sized(f"s{i}", 10) for i in range(5)]
+    assert plan_batches(small, batch_size=2) == [small[:2], small[2:4], small[4:]]
+    big = sized("big", MAX_BATCH_BYTES + 1)  # bigger than a batch: alone, and it does not drag others along
+    parts = [sized(f"q{i}", quarter) for i in range(6)]
+    gone = tmp_path / "gone"  # missing: no bytes to plan for (its read reports the error)
+    files = [parts[0], big, *parts[1:], gone]
+    assert plan_batches(files, batch_size=64) == [[parts[0]], [big], parts[1:5], [parts[5], gone]]

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from research import config as config_mod
 from research.config import ConfigError, TrainConfig
@@ -105,6 +105,8 @@ class SweepSpec:
     # trials to run first, e.g. a known good config: {param: value} for some or all of `space`'s keys
     # (the rest are sampled). Enqueued once, when the study is new (optuna's enqueue_trial).
     enqueue: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # weights kept: those of the best keep_top_k trials by the objective (and of registered versions); `all`
+    keep_top_k: int | Literal["all"] = 3
 
     def validate(self) -> None:
         if not self.space and self.n_trials != 1:
@@ -129,6 +131,9 @@ class SweepSpec:
             if outside:
                 raise ConfigError(f"enqueue[{i}]: {', '.join(outside)} outside the search space; widen the space "
                                   "or change the enqueued value.")
+        if self.keep_top_k != "all" and self.keep_top_k < 1:
+            raise ConfigError(f"keep_top_k={self.keep_top_k} must be a positive number of trials, or `all` (keep "
+                              "every trial's weights); pruned and failed trials keep none either way.")
         if self.n_trials <= 0:
             raise ConfigError(f"n_trials={self.n_trials} must be > 0.")
         if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
@@ -139,6 +144,11 @@ class SweepSpec:
                 raise ConfigError(f"{key}={value} must be a positive number of seconds.")
         if self.heartbeat_grace <= self.heartbeat_interval:
             raise ConfigError("heartbeat_grace must be larger than heartbeat_interval (e.g. 60 and 10).")
+
+    @property
+    def kept(self) -> int | None:
+        """keep_top_k as a number; None keeps all."""
+        return None if self.keep_top_k == "all" else int(self.keep_top_k)
 
     @property
     def experiment_name(self) -> str:

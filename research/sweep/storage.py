@@ -20,7 +20,6 @@ from pathlib import Path
 
 import mlflow
 import optuna
-import sqlalchemy
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
@@ -29,7 +28,7 @@ from rich.console import Console
 
 from research import tracking
 from research.config import ConfigError, TrainConfig
-from research.data.pool import file_lock
+from research.store import database_lock
 from research.sweep.spec import SweepSpec
 
 console = Console()
@@ -52,44 +51,14 @@ def make_storage(url: str | None) -> JournalStorage | RDBStorage:
     raise ConfigError(f"storage {url!r}: use journal:PATH, a *.journal path, postgresql://..., or sqlite:///...")
 
 
-@contextlib.contextmanager
 def slot_lock(url: str | None, key: str = ""):
-    """Serialise 'count trials, then ask' across processes, so the study never overshoots n_trials.
-
-    A file lock for journal/sqlite storage, a PostgreSQL advisory lock (one per study name `key`) for
-    PostgreSQL; another RDB gets no cross-process lock (at most workers-1 extra trials).
-    """
+    """Serialise 'count trials, then ask' across processes, so the study never overshoots n_trials: a lock
+    per study name `key` on the storage (research.store.database_lock); another RDB gets none (at most
+    workers-1 extra trials)."""
     url = url or default_storage_url()
-    if url.startswith("postgresql"):
-        with _advisory_lock(url, key):
-            yield
-        return
-    if url.startswith("journal:") or url.endswith(".journal"):
-        path = Path(url.removeprefix("journal:"))
-    elif url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-    else:
-        yield
-        return
-    # not "<journal>.lock": that is the name of Optuna's own journal lock (a symlink); a regular file
-    # there blocks every journal write for its 30 s grace period, then Optuna deletes it under us
-    with file_lock(path.with_name(path.name + ".slots.lock")):
-        yield
-
-
-@contextlib.contextmanager
-def _advisory_lock(url: str, key: str):
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            # one lock per study name, so unrelated studies in one database don't wait on each other
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(727274, hashtext(:k))"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(727274, hashtext(:k))"), {"k": key})
-    finally:
-        engine.dispose()
+    if url.endswith(".journal") and not url.startswith("journal:"):
+        url = f"journal:{url}"
+    return database_lock(url, key)
 
 
 def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:

@@ -23,6 +23,7 @@ from rich.console import Console
 
 from research import config as config_mod
 from research import tracking
+from research.artifacts import keep_top_weights
 from research.config import ConfigError, TrainConfig
 from research.sweep.spec import ParamSpec, SweepSpec, base_config, nest
 from research.sweep.storage import Heartbeat, default_storage_url, fail_stale_trials, open_study, slot_lock
@@ -51,6 +52,7 @@ def parent_run_id(study: optuna.Study, spec: SweepSpec, spec_path: str | None) -
     client.log_param(rid, "sampler", spec.sampler.name)
     client.log_param(rid, "pruner", spec.pruner.name)
     client.log_param(rid, "n_trials", spec.n_trials)
+    client.log_param(rid, "keep_top_k", spec.keep_top_k)
     client.log_dict(rid, config_mod.to_dict(spec), "sweep_spec.json")
     if spec_path:
         client.log_artifact(rid, str(spec_path))
@@ -108,7 +110,6 @@ def run_worker(spec: SweepSpec, storage_url: str | None, spec_path: str | None =
     """Run trials until the study has n_trials finished ones (or the timeout). Returns trials run here."""
     tracking.setup()
     tracking.check_reachable()  # before the study storage is touched: a dead server leaves nothing behind
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, parent = start_study(spec, storage_url, spec_path)
     finished = count_finished(study)
     if finished:
@@ -129,6 +130,12 @@ def run_worker(spec: SweepSpec, storage_url: str | None, spec_path: str | None =
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
             state, value = run_trial(study, trial, spec, base, parent)
         study.tell(trial, value, state=state)
+        if state == TrialState.COMPLETE:
+            try:
+                keep_top_weights(mlflow.MlflowClient(), parent, spec.kept)
+            except Exception as exc:  # the study goes on; `python -m research gc` applies the rule later
+                console.print(f"[yellow]keep_top_k: weights not dropped now ({type(exc).__name__}: {exc}); "
+                              "`python -m research gc` frees them later")
         done_here += 1
         failed_in_a_row = failed_in_a_row + 1 if state == TrialState.FAIL else 0
     return done_here
@@ -143,8 +150,13 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, base: T
     """Train one trial's config as a child run of `parent`; its state and objective value (None unless COMPLETE)."""
     metric, maximize = spec.objective.metric, spec.objective.direction == "maximize"
     params = suggest(trial, spec.space)
+    worker = os.environ.get("RESEARCH_WORKER")
+    console.print(f"{f'[{worker}] ' if worker else ''}study {spec.study_name}: trial #{trial.number} "
+                  f"({count_finished(study)} of {spec.n_trials} finished): "
+                  + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()),
+                  markup=False, highlight=False, soft_wrap=True)
     cfg = config_mod.replace(base, **nest(params), experiment=spec.experiment_name,
-                             run_name=f"{spec.study_name}-trial-{trial.number}")
+                             run_name=f"{spec.study_name} #{trial.number} {params.get('model', base.model)}")
 
     def on_start(run_id: str) -> None:
         trial.set_user_attr("mlflow_run_id", run_id)
@@ -174,9 +186,12 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, base: T
             mlflow.MlflowClient().set_tag(run_id, "optuna_state", "FAIL")
         return TrialState.FAIL, None
     values = [row[metric] for row in result.history]
-    mlflow.MlflowClient().set_tag(result.run_id, "optuna_state", "COMPLETE")
+    value = max(values) if maximize else min(values)
+    client = mlflow.MlflowClient()
+    client.set_tag(result.run_id, "optuna_state", "COMPLETE")
+    client.log_metric(result.run_id, "objective", value)  # what the study ranks by, e.g. for keep_top_k
     trial.set_user_attr("test_f1_macro", result.test.get("test_f1_macro"))
-    return TrialState.COMPLETE, max(values) if maximize else min(values)
+    return TrialState.COMPLETE, value
 
 
 def sweep(spec: SweepSpec, storage_url: str | None = None, workers: int = 1, spec_path: str | None = None) -> dict:
@@ -186,10 +201,9 @@ def sweep(spec: SweepSpec, storage_url: str | None = None, workers: int = 1, spe
         run_worker(spec, storage_url, spec_path)
     else:
         launch_workers(spec, storage_url, workers, spec_path)
-    summary = summarize(spec, storage_url, spec_path)
-    summary["wall_seconds"] = time.time() - t0
-    console.print(f"study {spec.study_name} took {summary['wall_seconds']:.0f}s")
-    return summary
+    wall = time.time() - t0
+    console.print(f"study {spec.study_name} took {wall:.0f}s")
+    return summarize(spec, storage_url, spec_path) | {"wall_seconds": wall}
 
 
 def launch_workers(spec: SweepSpec, storage_url: str | None, workers: int, spec_path: str | None) -> None:
@@ -205,6 +219,8 @@ def launch_workers(spec: SweepSpec, storage_url: str | None, workers: int, spec_
     procs = []
     for i in range(workers):
         env = dict(os.environ)
+        # the workers share this terminal: one plain line per epoch each, prefixed with the worker's name
+        env["RESEARCH_PROGRESS"], env["RESEARCH_WORKER"] = "plain", f"worker {i + 1}/{workers}"
         if gpus > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
         elif gpus == 0:
