@@ -39,8 +39,7 @@ def champion(name: str) -> str:
 
 
 def test_concurrent_promotes_of_one_run_register_one_version(store: Store, tmp_path):
-    outs = race(store, "race-same", ("--run", store.good, "--force"), ("--run", store.good, "--force"),
-                tmp_path=tmp_path)
+    outs = race(store, "race-same", *[("--run", store.good, "--force")] * 3, tmp_path=tmp_path)
     assert [str(v.version) for v in versions("race-same")] == ["1"]  # not versions 1 and 2 of the same run
     assert champion("race-same") == "1"
     for out in outs:  # each says what is true: version 1 is the champion
