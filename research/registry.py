@@ -462,4 +462,7 @@ def print_promotion(p: Promotion) -> None:
         for key, value in rows:
             table.add_row(key, value)
         console.print(table)
+    if p.overtaken_by:
+        console.print(f"[yellow]meanwhile another promote moved @{CHAMPION} to version {p.overtaken_by}[/]: that is "
+                      f"the champion now (`python -m research promote --run {p.run_id} --force` makes this one again)")
     console.print(tracking.ui_line(tracking.model_version_url(p.name, p.version)), markup=False, soft_wrap=True)

@@ -118,10 +118,10 @@ def summary_text(done: list[FrozenTrial], spec: SweepSpec, summary: dict[str, An
     if done:
         best = done[0]
         rows += [("best trial", f"#{best.number}: {metric} {best.value:.4f}, test macro F1 {_test_f1(best)}"),
-                 ("", _params_text(best.params)), ("", f"MLflow run {best.user_attrs.get('mlflow_run_id', 'n/a')}")]
+                 ("", params_text(best.params)), ("", f"MLflow run {best.user_attrs.get('mlflow_run_id', 'n/a')}")]
         width = len(str(max(t.number for t in done[:top])))
         rows += [("top trials" if i == 0 else "",
-                  f"#{t.number:<{width}}  {t.value:.4f}  test {_test_f1(t):<6}  {_params_text(t.params)}")
+                  f"#{t.number:<{width}}  {t.value:.4f}  test {_test_f1(t):<6}  {params_text(t.params)}")
                  for i, t in enumerate(done[:top])]
     else:
         rows.append(("best trial", "none yet: no trial completed"))
@@ -144,7 +144,7 @@ def _test_f1(trial: FrozenTrial) -> str:
     return "n/a" if test is None else f"{test:.4f}"
 
 
-def _params_text(params: dict[str, Any]) -> str:
+def params_text(params: dict[str, Any]) -> str:
     text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
     return text or "no searched params"
 

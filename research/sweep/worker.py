@@ -27,7 +27,7 @@ from research.artifacts import keep_top_weights
 from research.config import ConfigError, TrainConfig
 from research.sweep.spec import ParamSpec, SweepSpec, base_config, nest
 from research.sweep.storage import Heartbeat, default_storage_url, fail_stale_trials, open_study, slot_lock
-from research.sweep.summary import summarize
+from research.sweep.summary import params_text, summarize
 from research.train import train
 
 console = Console()
@@ -152,8 +152,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, base: T
     params = suggest(trial, spec.space)
     worker = os.environ.get("RESEARCH_WORKER")
     console.print(f"{f'[{worker}] ' if worker else ''}study {spec.study_name}: trial #{trial.number} "
-                  f"({count_finished(study)} of {spec.n_trials} finished): "
-                  + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()),
+                  f"({count_finished(study)} of {spec.n_trials} finished): {params_text(params)}",
                   markup=False, highlight=False, soft_wrap=True)
     cfg = config_mod.replace(base, **nest(params), experiment=spec.experiment_name,
                              run_name=f"{spec.study_name} #{trial.number} {params.get('model', base.model)}")
