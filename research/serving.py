@@ -17,6 +17,7 @@ import base64
 import binascii
 import json
 import re
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -247,12 +248,14 @@ def load_model(uri: str):
         raise ConfigError(f"Cannot find model {uri!r} ({first_line(exc)}). Promote one first with "
                           f"`python -m research promote`, or list versions in `python -m research ui`.") from exc
     loader = info.flavors.get("python_function", {}).get("loader_module")
-    if "pytorch" in info.flavors and loader == "mlflow.pytorch":
-        local = mlflow.artifacts.download_artifacts(uri)
-        return ClassifierModel(classifier_from_torch_dir(local))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # stage URIs warn; they still resolve
-        return mlflow.pyfunc.load_model(uri)
+    # the download goes to a folder removed once the model is in memory: MLflow's own default is a new temp
+    # folder per load that nobody removes (a copy of the weights in /tmp for every `predict`)
+    with tempfile.TemporaryDirectory(prefix="research-model-") as tmp:
+        if "pytorch" in info.flavors and loader == "mlflow.pytorch":
+            return ClassifierModel(classifier_from_torch_dir(mlflow.artifacts.download_artifacts(uri, dst_path=tmp)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # stage URIs warn; they still resolve
+            return mlflow.pyfunc.load_model(uri, dst_path=tmp)
 
 
 def load_champion(name: str = MODEL_NAME, alias: str = CHAMPION):
