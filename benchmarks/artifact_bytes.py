@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks import RESULTS
+from research.artifacts import human
 
 REPO = Path(__file__).resolve().parent.parent
 WEIGHT_FILES = ("model.pth", "best.pt")
@@ -72,10 +73,6 @@ def model_bytes(model: str) -> int:
 
     net = models.build_model(model, num_classes=20)  # the weights' shapes do not depend on the image size here
     return sum(t.numel() * t.element_size() for t in net.state_dict().values())
-
-
-def human(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def main(argv=None) -> dict:

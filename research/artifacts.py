@@ -66,7 +66,7 @@ def protected_runs(client) -> set[str]:
     return {v.run_id for v in versions if v.run_id}
 
 
-def drop_weights(client, run_id: str, models: list) -> int:
+def drop_weights(client, run, models: list) -> int:
     """Delete a run's weights (its logged models and old checkpoint copies) through MLflow; bytes freed.
 
     The logged model is marked deleted first, so `promote` can no longer pick the run, then its files go.
@@ -84,7 +84,7 @@ def drop_weights(client, run_id: str, models: list) -> int:
         with contextlib.suppress(FileNotFoundError):
             get_artifact_repository(model.artifact_location).delete_artifacts()
         freed += size
-    run = client.get_run(run_id)
+    run_id = run.info.run_id
     for folder in OLD_WEIGHT_DIRS:
         size = tree_bytes(lambda p: client.list_artifacts(run_id, p), folder)
         if size:
@@ -114,9 +114,9 @@ class Study:
                    metric or "val_f1_macro", direction != "minimize", None if k in (None, "all") else int(k))
 
 
-def trial_runs(client, parent_id: str) -> list:
-    parent = client.get_run(parent_id)
-    return search_all_runs(client, [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+def trial_runs(client, parent) -> list:
+    """The child runs of a study's parent run."""
+    return search_all_runs(client, [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
 
 
 def objective(client, run, study: Study) -> float:
@@ -131,7 +131,7 @@ def objective(client, run, study: Study) -> float:
 
 def surplus(client, study: Study, protected: set[str]) -> list[tuple[Any, list, str]]:
     """(run, its logged models, why) for every trial whose weights the keep rule drops."""
-    runs = trial_runs(client, study.parent.info.run_id)
+    runs = trial_runs(client, study.parent)
     models: dict[str, list] = {}
     for m in logged_models(client, [study.parent.info.experiment_id], {r.info.run_id for r in runs}):
         models.setdefault(m.source_run_id, []).append(m)
@@ -151,17 +151,17 @@ def surplus(client, study: Study, protected: set[str]) -> list[tuple[Any, list, 
 
 def keep_top_weights(client, parent_id: str, keep_top_k: int | None) -> int:
     """Apply a study's keep rule now (the sweep calls it after each trial); bytes freed."""
-    study = Study.of(client.get_run(parent_id), keep_top_k, override=True)
     if keep_top_k is None:
         return 0
-    return sum(drop_weights(client, run.info.run_id, models) for run, models, _ in
-               surplus(client, study, protected_runs(client)))
+    study = Study.of(client.get_run(parent_id), keep_top_k, override=True)
+    return sum(drop_weights(client, run, models) for run, models, _ in surplus(client, study, protected_runs(client)))
 
 
 def study_bytes(client, parent_id: str) -> dict[str, int]:
     """What a study stores, through MLflow: all its runs' artifacts (`total`), the weights among them
     (`weights`), and how many trials keep weights (`kept`)."""
-    runs = [client.get_run(parent_id), *trial_runs(client, parent_id)]
+    parent = client.get_run(parent_id)
+    runs = [parent, *trial_runs(client, parent)]
     models = logged_models(client, [runs[0].info.experiment_id], {r.info.run_id for r in runs})
     weights = sum(model_bytes(client, m) for m in models)
     files = sum(tree_bytes(lambda p, rid=r.info.run_id: client.list_artifacts(rid, p)) for r in runs)
@@ -202,10 +202,9 @@ def plan(experiment: str | None = None, keep_top_k: int | None = 3, override: bo
             for parent in search_all_runs(client, ids, "tags.optuna_role = 'parent'"):
                 study = Study.of(parent, keep_top_k, override)
                 for run, models, why in surplus(client, study, protected):
-                    rid = run.info.run_id
-                    items.append(Item("weights", f"{exp.name} / {study.name}", rid, why,
+                    items.append(Item("weights", f"{exp.name} / {study.name}", run.info.run_id, why,
                                       sum(model_bytes(client, m) for m in models),
-                                      lambda rid=rid, models=models: drop_weights(client, rid, models)))
+                                      lambda run=run, models=models: drop_weights(client, run, models)))
             items += deleted_runs(client, exp, protected)
         else:
             items += deleted_experiment(client, exp, protected)

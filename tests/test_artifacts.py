@@ -89,7 +89,7 @@ def test_a_study_keeps_the_weights_of_its_top_k_trials_and_the_champion(tiny_ver
     parent = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                 "tags.optuna_role = 'parent'")[0]
     assert parent.data.params["keep_top_k"] == "2"
-    trials = artifacts.trial_runs(client, parent.info.run_id)
+    trials = artifacts.trial_runs(client, parent)
     assert len(trials) == 5
     ranked = sorted(trials, key=lambda r: (-r.data.metrics["objective"], r.info.start_time))  # ties: earlier first
     kept = sorted(r.info.run_id for r in ranked[:2])
