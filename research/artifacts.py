@@ -13,7 +13,10 @@ artifacts, so the rules are about them:
 Deleting goes through MLflow's APIs (the logged model is marked deleted, its artifacts are removed
 through the artifact repository), so it works the same on a local store and behind `mlflow server`.
 `gc` also frees what MLflow keeps of deleted runs (`mlflow gc`) and the local checkpoints of runs
-that ended.
+that ended. Which checkpoints those are is `checkpoints.resumability`, the rule `train --resume` follows
+too: a run that another process trains now (live) is never touched; a resumable one (not FINISHED, has a
+last.pt, not live; FAILED included, e.g. a run the tracking server dropped) is listed as kept and freed only
+with `--resumable`; the others (finished, deleted, or stopped before their first checkpoint) are freed.
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ console = Console()
 
 WEIGHTS_DELETED = "weights_deleted"  # run tag where the keep rules dropped the weights
 OLD_WEIGHT_DIRS = ("checkpoint",)  # run artifact folders earlier versions filled with weight copies
-RESUMABLE = ("RUNNING", "KILLED")  # a local checkpoint of such a run is kept: `train --resume` needs it
 
 
 # ------------------------------------------------------------------------------ sizes and weights
@@ -182,9 +184,9 @@ class Item:
 
 
 def plan(experiment: str | None = None, keep_top_k: int | None = 3, override: bool = False,
-         checkpoint_root: str | Path = checkpoints.DEFAULT_ROOT) -> list[Item]:
+         checkpoint_root: str | Path = checkpoints.DEFAULT_ROOT, resumable: bool = False) -> list[Item]:
     """Everything gc would free, nothing freed yet. `keep_top_k` applies to studies that logged none of
-    their own, or to all with `override`."""
+    their own, or to all with `override`; `resumable`: resumable runs' checkpoints too."""
     import mlflow
     from mlflow.entities import ViewType
 
@@ -208,7 +210,8 @@ def plan(experiment: str | None = None, keep_top_k: int | None = 3, override: bo
             items += deleted_runs(client, exp, protected)
         else:
             items += deleted_experiment(client, exp, protected)
-    items += stale_checkpoints(client, checkpoint_root)
+    states = (checkpoints.ENDED, checkpoints.RESUMABLE) if resumable else (checkpoints.ENDED,)
+    items += [item for item, state in checkpoint_folders(client, checkpoint_root) if state in states]
     return items
 
 
@@ -237,8 +240,9 @@ def deleted_experiment(client, exp, protected: set[str]) -> list[Item]:
                  size, lambda: mlflow_gc("--experiment-ids", exp.experiment_id))]
 
 
-def stale_checkpoints(client, root: str | Path) -> list[Item]:
-    """Local checkpoint folders of runs that ended (FINISHED, FAILED or deleted): resume can't use them."""
+def checkpoint_folders(client, root: str | Path) -> list[tuple[Item, str]]:
+    """Each local checkpoint folder of a run in this store, with `checkpoints.resumability`'s state (LIVE,
+    RESUMABLE, ENDED): the same rule `train --resume` follows."""
     from mlflow.exceptions import MlflowException
 
     out = []
@@ -247,12 +251,25 @@ def stale_checkpoints(client, root: str | Path) -> list[Item]:
             run = client.get_run(folder.name)
         except MlflowException:
             continue  # a run of another store: not ours to judge
-        if run.info.status in RESUMABLE and run.info.lifecycle_stage == "active":
-            continue
+        verdict = checkpoints.resumability(folder, run.info.status, run.info.lifecycle_stage == "deleted")
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-        out.append(Item("checkpoint", str(root), str(folder), f"run {run.info.status.lower()}", size,
-                        lambda folder=folder: shutil.rmtree(folder)))
+        free = None if verdict.state == checkpoints.LIVE else (lambda folder=folder: _free_checkpoint(folder))
+        out.append((Item("checkpoint", str(root), str(folder), f"run {verdict.why}", size, free), verdict.state))
     return out
+
+
+def _free_checkpoint(folder: Path) -> None:
+    """Remove a checkpoint folder unless a process took the run meanwhile (it would lose its checkpoint)."""
+    holder = checkpoints.live_holder(folder)
+    if holder is not None:
+        raise ConfigError(f"{folder} is in use: its run is being trained now by {holder}; it was kept.")
+    shutil.rmtree(folder)
+
+
+def kept_checkpoints(client, root: str | Path, resumable: bool) -> list[Item]:
+    """The checkpoint folders gc keeps: live runs' always, resumable runs' unless `resumable`."""
+    keep = (checkpoints.LIVE,) if resumable else (checkpoints.LIVE, checkpoints.RESUMABLE)
+    return [item for item, state in checkpoint_folders(client, root) if state in keep]
 
 
 def mlflow_gc(flag: str, ids: str) -> None:
@@ -280,18 +297,24 @@ def add_arguments(parser) -> None:
                         help="weights kept per study (default: the study's own keep_top_k, else 3; `all` keeps all)")
     parser.add_argument("--checkpoints", default=checkpoints.DEFAULT_ROOT, metavar="DIR",
                         help=f"local checkpoint root, train's checkpoint_dir (default {checkpoints.DEFAULT_ROOT})")
+    parser.add_argument("--resumable", action="store_true",
+                        help="also free the checkpoints of resumable runs (interrupted, killed or failed; "
+                             "`train --resume` needs them); a run being trained now is never touched")
     parser.add_argument("--yes", action="store_true", help="free it (default: only show what would be freed)")
 
 
 def run(args) -> int:
+    import mlflow
+
     k = args.keep_top_k
     if k not in (None, "all") and not (str(k).isdigit() and int(k) >= 1):
         raise ConfigError(f"--keep-top-k {k!r}: give a positive number of trials, or `all`.")
     tracking.setup()
     tracking.check_reachable()
     items = plan(args.experiment, 3 if k is None else None if k == "all" else int(k), override=k is not None,
-                 checkpoint_root=args.checkpoints)
+                 checkpoint_root=args.checkpoints, resumable=args.resumable)
     print_plan(items, freed=False)
+    print_kept(kept_checkpoints(mlflow.MlflowClient(), args.checkpoints, args.resumable))
     if not items:
         return 0
     if not args.yes:
@@ -308,6 +331,15 @@ def run(args) -> int:
     console.print(f"freed {human(total)} in {len(items) - len(left)} item(s)"
                   + (f"; {len(left)} left, see above." if left else "."))
     return 1 if left else 0
+
+
+def print_kept(kept: list[Item]) -> None:
+    """The checkpoints gc keeps, and how to free the resumable ones."""
+    for item in kept:
+        console.print(f"kept checkpoint {item.what} ({human(item.bytes)}): {item.why}", soft_wrap=True)
+    if any(item.free is not None for item in kept):
+        console.print("  resume one with `python -m research train --resume RUN_ID`, or free them with "
+                      "`python -m research gc --resumable --yes`", soft_wrap=True)
 
 
 def print_plan(items: list[Item], freed: bool) -> None:

@@ -3,15 +3,21 @@
 A stage module exposes `add_arguments(parser)` and `run(args) -> int`. Modules are imported
 only when their command runs, so `--help` is instant and a command pays only for what it uses.
 `-v/--verbose` may stand anywhere on the line; research/logs.py says what it shows.
+
+`main` is the one error boundary: a failure the user can fix (research/errors.py says which) prints one
+`error:` line and exits 2, its traceback kept in the command's log file; any other exception is a bug and
+shows its traceback (exit 1). Either way the log file's path is printed when there is one.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+from pathlib import Path
 
-from research import logs
+from research import errors, logs
 
 # command -> (module, one-line help). The order is the pipeline's order.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -27,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ui": ("research.runs", "start the MLflow UI on the tracking store"),
     "report": ("research.report",
                "a study's champion vs a baseline: val/test F1, per-class F1, importances, confusion matrix"),
+    "styles": ("research.styles", "leave one style out: train a recipe once per held-out drawing style"),
     "gc": ("research.artifacts", "show (and with --yes free) weights outside the keep rules and deleted runs' files"),
     "demo": ("research.demo", "the whole pipeline end to end on the embedded dataset"),
 }
@@ -69,19 +76,31 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser, name) if _takes_name(module) else module.add_arguments(parser)
     args = parser.parse_args(rest)
     args.command = name
-    from research.config import ConfigError
-    from research.tracking import TrackingError
-
     with logs.to_file(name, verbose) as log:
         try:
             return int(module.run(args) or 0)
-        except (ConfigError, TrackingError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            logs.point(log)
-            return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        except Exception as exc:
+            return _report(exc, log)
+
+
+def _report(exc: Exception, log: Path) -> int:
+    """One `error:` line (exit 2) for a failure the user can fix, its traceback in the log file only; the
+    traceback on the terminal (exit 1) for anything else."""
+    logger = logging.getLogger("research")
+    message = errors.user_message(exc)
+    logs.point(log)
+    if message is None:
+        logger.error("unexpected error (not a failure research/errors.py knows)", exc_info=exc)
+        return 1
+    print(f"error: {message}", file=sys.stderr)
+    # the traceback, at INFO: to the file (the terminal shows it only with -v). Our own errors say all in their
+    # message: a command stopped by one before it wrote anything (a dead tracking server) leaves no file behind
+    if not isinstance(exc, (errors.ConfigError, errors.TrackingError)) or log.exists():
+        logger.info("error: %s", message, exc_info=exc)
+    return 2
 
 
 def _takes_name(module) -> bool:

@@ -6,6 +6,9 @@ While a command runs, log records at INFO and up and Python warnings are written
 terminal gets errors, and warnings that are not on the known-noise list below; `-v` shows it all. MLflow and
 Optuna give their loggers their own stderr handler on import; those loggers are routed to the root logger
 instead, so their lines land in the file too. Progress bars (rich, tqdm) do not go through logging.
+
+A log file that cannot be written (a full disk, a read-only or missing folder) never stops the command: one
+warning line says so and the command goes on without a file.
 """
 
 from __future__ import annotations
@@ -42,10 +45,8 @@ ROUTED = {"mlflow": logging.NOTSET, "alembic": logging.NOTSET, "huey": logging.N
 
 def log_dir() -> Path:
     """`logs/` beside a local sqlite store; `logs/` in the tracking home (mlruns/) for any other store."""
-    uri = tracking.tracking_uri()
-    if uri.startswith("sqlite:///"):  # sqlite:///PATH or sqlite:///file:PATH?mode=ro&uri=true
-        return Path(uri.removeprefix("sqlite:///").split("?")[0].removeprefix("file:")).resolve().parent / "logs"
-    return tracking.home() / "logs"
+    database = tracking.sqlite_path(tracking.tracking_uri())
+    return database.resolve().parent / "logs" if database else tracking.home() / "logs"
 
 
 @contextlib.contextmanager
@@ -94,11 +95,13 @@ def to_file(command: str, verbose: bool = False) -> Iterator[Path]:
             _prune(path.parent)
         pointed = path in _POINTED
         _POINTED.discard(path)
-        if shown.warnings_hidden or (pointed and shown.hidden):  # routine INFO lines alone get no pointer
+        # routine INFO lines alone get no pointer; an error (point) does, once its file exists
+        if not file.failed and path.is_file() and (shown.warnings_hidden or pointed):
             from rich.console import Console
 
-            Console(stderr=True).print(f"log: {_display(path)} ({shown.hidden} lines hidden; -v shows them)",
-                                       style="dim", markup=False, highlight=False, soft_wrap=True)
+            hidden = f" ({shown.hidden} lines hidden; -v shows them)" if shown.hidden else ""
+            Console(stderr=True).print(f"log: {_display(path)}{hidden}", style="dim", markup=False, highlight=False,
+                                       soft_wrap=True)
 
 
 _POINTED: set[Path] = set()
@@ -138,11 +141,45 @@ class _Formatter(logging.Formatter):
 
 class _LazyFile(logging.FileHandler):
     """Creates its folder with its file, at the first record: a command that fails before it writes anything
-    (e.g. an unreachable tracking server) leaves nothing behind."""
+    (e.g. an unreachable tracking server) leaves nothing behind. When the file cannot be created or written
+    (OSError: a full disk, a read-only folder), it says so once and drops every later record."""
+
+    failed = False
 
     def _open(self):
         Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
         return super()._open()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
+        try:
+            super().emit(record)  # opening the file raises here; a failed write goes to handleError
+        except OSError as exc:
+            self._give_up(exc)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            self._give_up(exc)
+        else:
+            super().handleError(record)
+
+    def close(self) -> None:
+        try:
+            super().close()  # flushes: a full disk raises here too
+        except OSError as exc:
+            self._give_up(exc)
+
+    def _give_up(self, exc: OSError) -> None:
+        if not self.failed:
+            self.failed = True
+            print(f"warning: no log file: {self.baseFilename} cannot be written ({exc.strerror or exc}); "
+                  "the command goes on without one", file=sys.stderr)
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
 
 
 class _Stderr(logging.StreamHandler):

@@ -4,6 +4,9 @@ In a terminal: one live table per run that grows by a row per epoch, with a bar 
 progress under it (batches, img/s, time left). Without one (CI, a log file, `| tee`), or in a sweep
 worker started by `sweep --workers N` (several processes share the terminal): one plain line per
 epoch, prefixed with the worker's name.
+
+`counting` is the same rule for the stages' bars (build, scan, clean, split, caches): a live bar in a
+terminal; in a log one line when the work is done, never a bar squeezed into the log's 80 columns.
 """
 
 from __future__ import annotations
@@ -11,11 +14,18 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from rich.console import Console, Group
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 PLAIN_ENV = "RESEARCH_PROGRESS"  # "plain": one line per epoch even in a terminal
@@ -32,6 +42,37 @@ COLUMNS = (
 
 def is_live(console: Console) -> bool:
     return console.is_terminal and os.environ.get(PLAIN_ENV) != "plain"
+
+
+@contextlib.contextmanager
+def counting(total: int, label: str, transient: bool = False) -> Iterator[Callable[[int], None]]:
+    """Progress over `total` units; yields `advance(n)`. A live bar on stderr when it is a terminal; when stdout
+    is not one (`make demo > demo.log`), one line there once the work is done (`label: done/total in 1.2 s`),
+    never a bar squeezed into the log's 80 columns; with neither, that line on stderr unless `transient`."""
+    err, out = Console(stderr=True), Console()
+    done, start = 0, time.perf_counter()
+    if is_live(err):
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=err, transient=transient) as bar:
+            task = bar.add_task(label, total=total)
+
+            def advance(n: int) -> None:
+                nonlocal done
+                done += n
+                bar.advance(task, n)
+
+            yield advance
+    else:
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+
+        yield advance
+    line = f"{label}: {done}/{total} in {time.perf_counter() - start:.1f} s"
+    if not out.is_terminal:
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+    elif not is_live(err) and not transient:
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 class EpochDisplay:

@@ -35,6 +35,7 @@ from rich.text import Text
 
 from research import tracking
 from research.config import ConfigError
+from research.data import outputs
 from research.runs import _fmt_seconds
 
 console = Console()
@@ -45,6 +46,7 @@ KEY_PARAMS = ("model", "image_size", "epochs", "batch_size", "optimizer", "lr", 
               "dataset_version")
 PNG, F1_PNG, MISTAKES_PNG = "confusion_matrix_test.png", "per_class_f1_test.png", "mistakes_test.png"
 FIGURES = (PNG, F1_PNG, MISTAKES_PNG)  # the champion's, copied next to report.html
+PAGES = ("report.md", "report.html", "report.json")
 ARTIFACTS = ("classification_report_val.csv", "classification_report_test.csv", "confusion_matrix_test.csv", *FIGURES)
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 TOP_TRIALS = 15
@@ -311,7 +313,7 @@ def to_console(title: str, secs: list[Section]) -> None:
         if s.header:
             table = Table(title=s.title, title_justify="left")
             for col in s.header:
-                table.add_column(col)
+                table.add_column(col, overflow="fold")  # a narrow terminal wraps a value, never cuts it to "…"
             for row in s.rows:
                 table.add_row(*map(Text, row))
             console.print(table)
@@ -359,6 +361,34 @@ def to_html(title: str, secs: list[Section]) -> str:
 
 # ------------------------------------------------------------------------------------ report
 
+def report_folder(study_name: str, out_dir: str | Path | None) -> Path:
+    """`--out`, else reports/<study>; checked as every stage's output is (`outputs.check_folder`): never a
+    source's folder nor another stage's, and an existing folder only if an earlier report wrote it."""
+    if out_dir is None:
+        try:
+            outputs.plain_name(study_name, "the study name")
+        except ConfigError:
+            raise ConfigError(f"report: the study name {study_name[:80]!r} is not a plain folder name, so it cannot "
+                              "name the default folder reports/<study>/; pass --out FOLDER.") from None
+    out = Path(out_dir) if out_dir is not None else Path("reports") / study_name
+    outputs.check_folder("report", out)
+    return out
+
+
+def write_figures(out: Path, files: dict[str, str]) -> list[str]:
+    """Copy the champion's figures beside the report; an earlier report's figure goes first (it must not outlive
+    its champion), deleted only if that report recorded writing it. Returns the names copied."""
+    earlier = outputs.recorded_files(out, "report") if out.is_dir() else set()
+    copied = [name for name in FIGURES if name in files]
+    for name in FIGURES:
+        if name in earlier:
+            outputs.output_path(out, name).unlink(missing_ok=True)
+    outputs.mark(out, "report", [*PAGES, *copied])
+    for name in copied:
+        shutil.copy(files[name], outputs.output_path(out, name))
+    return copied
+
+
 def _public(facts: dict[str, Any] | None) -> dict[str, Any] | None:
     return None if facts is None else {k: v for k, v in facts.items() if not k.startswith("_")}
 
@@ -380,6 +410,7 @@ def report(study_name: str, baseline: str | list[str] | None = None, storage_url
 
     from research.sweep import default_storage_url, make_storage
 
+    out = report_folder(study_name, out_dir)  # before anything is read or written
     tracking.setup()
     tracking.check_reachable()
     refs = baseline_refs(baseline, study_name)
@@ -408,13 +439,7 @@ def report(study_name: str, baseline: str | list[str] | None = None, storage_url
             bases, notes = [], [f"no baseline: the default baseline {DEFAULT_BASELINE} is this study; pass --baseline"]
         else:
             bases, notes = resolve_baselines(refs, champ, storage, client, Path(tmp))
-        out = Path(out_dir or Path("reports") / study_name)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in FIGURES:
-            (out / name).unlink(missing_ok=True)  # a figure from an earlier report must not outlive its champion
-            if name in champ["_files"]:
-                shutil.copy(champ["_files"][name], out / name)
-        figures = [name for name in FIGURES if (out / name).exists()]
+        figures = write_figures(out, champ["_files"])
         imp, imp_note = importances(study)
         rep: dict[str, Any] = {
             "study": study_name, "storage": url, "direction": study.direction.name.lower(), "selection": SELECTION,
@@ -429,14 +454,14 @@ def report(study_name: str, baseline: str | list[str] | None = None, storage_url
         secs = sections(rep, study)
     title = f"{study_name}: champion vs " + (", ".join(b["name"] for b in bases) or "baseline")
     to_console(title, secs)
-    (out / "report.md").write_text(to_markdown(title, secs))
-    (out / "report.html").write_text(to_html(title, secs))
+    outputs.output_path(out, "report.md").write_text(to_markdown(title, secs))
+    outputs.output_path(out, "report.html").write_text(to_html(title, secs))
     # `baseline` and `baseline_note` as before this took several, for readers of older reports: the first of each
     rep |= {"champion": _public(champ), "baselines": [_public(b) for b in bases],
             "baseline": _public(bases[0]) if bases else None, "baseline_note": "; ".join(notes),
             "logged_to": parent if log and parent else None,
-            "files": [str(out / n) for n in ("report.md", "report.html", "report.json", *figures)]}
-    (out / "report.json").write_text(json.dumps(rep, indent=2, default=str))
+            "files": [str(out / n) for n in (*PAGES, *figures)]}
+    outputs.output_path(out, "report.json").write_text(json.dumps(rep, indent=2, default=str))
     if log and parent:
         for path in rep["files"]:
             client.log_artifact(parent, path, artifact_path="report")

@@ -3,16 +3,25 @@
 The local default is a sqlite store `mlruns/mlflow.db` with artifacts under `mlruns/artifacts/`
 (the plain `./mlruns` file store is an error in MLflow 3). `MLFLOW_TRACKING_URI` wins when set:
 a team server (`http://...`) or any store MLflow understands.
+
+Before a command uses a store it is checked once, and a store that cannot serve is a TrackingError naming
+the URI and the fix: `setup` opens a local sqlite store (creating a fresh one under a file lock, so
+commands started together never race MLflow's schema migration), and `check_reachable` asks an http(s)
+server one bounded request (down, silent, or not an MLflow server).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
+
+from research.errors import TrackingError, database_failure  # TrackingError re-exported: tracking.TrackingError
 
 HOME = Path("mlruns")
 LOCAL_UI = "http://127.0.0.1:5000"  # where `python -m research ui` (and `mlflow ui`) serve by default
@@ -37,9 +46,7 @@ _HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
 
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be reached or used; the message says which and what to do."""
+_READY: set[str] = set()  # stores this process has checked (setup, check_reachable)
 
 
 def home() -> Path:
@@ -67,18 +74,72 @@ def setup() -> str:
     import mlflow
 
     uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI", uri))
+    if uri not in _READY:
+        _open_local_store(uri)
     return uri
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` (or `sqlite:///file:PATH?mode=ro&uri=true`) URI, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?")[0].removeprefix("file:"))
+
+
+def _open_local_store(uri: str) -> None:
+    """Open (a fresh one: create) the local store once per process; TrackingError when it cannot serve."""
+    if uri.startswith("file:") or ("://" not in uri and not uri.startswith("databricks")):
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":  # MLflow's own opt-in
+            raise TrackingError(f"MLFLOW_TRACKING_URI={uri} is a file store, which MLflow 3 no longer writes: "
+                                f"use an sqlite store, e.g. sqlite:///{uri.removeprefix('file://')}/mlflow.db "
+                                "(`mlflow migrate-filestore` moves existing runs), or unset it for mlruns/mlflow.db.")
+        return
+    path = sqlite_path(uri)
+    if path is None:
+        return  # a server (check_reachable) or another database: MLflow opens it at first use
+    if path.is_dir():
+        raise TrackingError(f"MLFLOW_TRACKING_URI={uri} names a folder; an sqlite store is a file in it, e.g. "
+                            f"sqlite:///{path / 'mlflow.db'}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    import mlflow
+
+    try:
+        with _first_open_lock(path):
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as exc:
+        failure = database_failure(exc)
+        why = f"({failure[0]}). {failure[1]}." if failure else f"({' '.join(str(exc).split())[:300]})."
+        raise TrackingError(f"the tracking store {uri} cannot be opened {why}") from exc
+    _READY.add(uri)
+
+
+@contextlib.contextmanager
+def _first_open_lock(path: Path) -> Iterator[None]:
+    """MLflow creates a fresh store's tables on first open, and two processes doing it at once fail ("table ...
+    already exists"): the first open is serialised by a lock file beside the database. Not the store's own
+    lock (research.store.database_lock): a caller may hold that one while it sets up."""
+    from research.data.pool import file_lock
+
+    lock = file_lock(path.with_name(path.name + ".init.lock"))
+    try:
+        lock.__enter__()
+    except OSError:  # a read-only folder: nothing can be created there, so no creation can race either
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
 def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
-    """Raise TrackingError at once when an HTTP tracking server does not accept connections."""
+    """Raise TrackingError within about `timeout` s when an http(s) tracking server does not accept connections,
+    does not answer, or answers as something other than an MLflow server (checked once per process)."""
     uri = uri or tracking_uri()
     parsed = urllib.parse.urlparse(uri)
-    if parsed.scheme not in ("http", "https"):
+    if parsed.scheme not in ("http", "https") or uri in _READY:
         return
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
@@ -90,6 +151,38 @@ def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
             "Start it (e.g. `python -m research ui` or the server in docker/compose.yaml), "
             "or unset MLFLOW_TRACKING_URI to use the local store under mlruns/."
         ) from exc
+    _ask_server(uri, timeout)
+    _READY.add(uri)
+
+
+def _ask_server(uri: str, timeout: float) -> None:
+    """One request an MLflow server answers with JSON, through MLflow's own client (its credentials and TLS
+    settings), without retries: a silent or foreign server fails here, not after MLflow's retries."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        response = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET",
+                                max_retries=0, timeout=timeout, raise_on_status=False, params={"max_results": 1})
+    except Exception as exc:
+        silent = "timed out" in str(exc).lower() or "timeout" in type(exc.__cause__ or exc).__name__.lower()
+        why = (f"accepted the connection but did not answer within {timeout:.0f} s" if silent
+               else f"failed: {' '.join(str(exc).split())[:200]}")
+        raise TrackingError(f"MLflow tracking server {uri} {why}. Check that the server is up and is an MLflow "
+                            f"server (`curl {uri}/health` says OK), or unset MLFLOW_TRACKING_URI to use the local "
+                            "store under mlruns/.") from exc
+    if response.status_code in (401, 403):
+        raise TrackingError(f"MLflow tracking server {uri} refused the request (HTTP {response.status_code}): set "
+                            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN).")
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    if response.status_code != 200 or not isinstance(answer, dict):
+        kind = response.headers.get("Content-Type", "no content type").split(";")[0]
+        raise TrackingError(f"{uri} answers, but not as an MLflow tracking server (HTTP {response.status_code}, "
+                            f"{kind}): check the host, port and path of MLFLOW_TRACKING_URI (an MLflow server "
+                            "answers /api/2.0/mlflow/experiments/search with JSON).")
 
 
 def experiment_id(name: str) -> str:
@@ -117,6 +210,47 @@ def experiment_id(name: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def end_run_failed(run_id: str) -> None:
+    """Mark run `run_id` FAILED (ending it when it is the active run); never raises, for a caller already handling
+    the error that stopped the run. On a full disk that write fails; the run's models that never finished
+    logging (status not READY: partial weights that nothing can load) are then deleted, which frees the space
+    they took, and the write is tried once more. Checkpoints stay: the run can still be resumed."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run_id:
+            mlflow.end_run("FAILED")  # pops the run first: a failed write leaves nothing active
+        else:
+            client.set_terminated(run_id, "FAILED")
+        return
+    except Exception:
+        pass
+    with contextlib.suppress(Exception):
+        drop_unfinished_models(client, run_id)
+        client.set_terminated(run_id, "FAILED")
+
+
+def drop_unfinished_models(client, run_id: str) -> list[str]:
+    """Delete the local files of the run's LoggedModels that are not READY and mark them FAILED; their ids."""
+    import shutil
+
+    from mlflow.entities import LoggedModelStatus
+
+    from research.store import logged_models
+
+    experiment = client.get_run(run_id).info.experiment_id
+    dropped = []
+    for model in logged_models(client, [experiment], run_ids={run_id}):
+        if model.status == LoggedModelStatus.READY or not model.artifact_location.startswith("file:"):
+            continue
+        shutil.rmtree(urllib.parse.urlparse(model.artifact_location).path, ignore_errors=True)
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        dropped.append(model.model_id)
+    return dropped
 
 
 def ui_url(route: str, **params: str) -> str:

@@ -185,9 +185,27 @@ def _attach_labels(root: Path, items: pd.DataFrame) -> pd.DataFrame:
     labels_path = root / "labels.csv"
     if not labels_path.is_file():
         return items
-    labels = pd.read_csv(labels_path, dtype={"path": str})
+    labels = read_labels(labels_path)
     extra = [c for c in ("style", "group", "emoji", "is_photo", "source", "license") if c in labels.columns]
     return items.merge(labels[["path", *extra]].drop_duplicates("path"), on="path", how="left")
+
+
+def read_labels(path: Path) -> pd.DataFrame:
+    """A tree's labels.csv: UTF-8 CSV with a header naming a `path` column (each image's path in the tree)."""
+    fix = "fix it or move it out of the tree (clean runs without it; is_photo only scores the methods)"
+    try:
+        labels = pd.read_csv(path, dtype={"path": str}, encoding="utf-8")
+    except pd.errors.EmptyDataError as exc:
+        raise ConfigError(f"{path} is empty: {fix}.") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8, or "
+                          f"{fix}.") from exc
+    except pd.errors.ParserError as exc:
+        raise ConfigError(f"{path} is not a readable CSV ({' '.join(str(exc).split())}): {fix}.") from exc
+    if "path" not in labels.columns:
+        raise ConfigError(f"{path} has no `path` column (its header: {', '.join(map(str, labels.columns))}); the "
+                          f"first line must name the columns, `path` being each image's path in the tree: {fix}.")
+    return labels
 
 
 def matrix(data: Data, features: str, seed: int = 0) -> np.ndarray:

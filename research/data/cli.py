@@ -12,7 +12,8 @@ def add_arguments(parser) -> None:
     build = sub.add_parser("build", help="build the embedded emoji20 dataset (20 classes, 3 styles + photos)",
                            description="Render the embedded dataset: <out>/<class>/*.png, labels.csv, ATTRIBUTION.md.")
     build.add_argument("--out", type=Path, default=Path("data/raw/emoji20"),
-                       help="output folder (default: %(default)s)")
+                       help="output folder (default: %(default)s); an earlier build there is replaced only if it "
+                            "holds nothing the build did not write")
     build.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: %(default)s)")
     build.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     build.add_argument("--classes", nargs="+", default=None, metavar="CLASS",

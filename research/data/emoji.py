@@ -19,7 +19,6 @@ import hashlib
 import importlib.util
 import io
 import math
-import shutil
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from importlib import metadata
@@ -281,7 +280,7 @@ def make_image(item: Item, out: str, seed: int) -> dict:
     """Render, save as PNG (no metadata, so no timestamps), and return its labels.csv row."""
     rng = _rng(seed, item.key)
     img = _photo_crop(item, rng) if item.style == "photo" else _drawing(item, rng)
-    target = Path(out) / item.path
+    target = outputs.output_path(out, item.path)
     target.parent.mkdir(parents=True, exist_ok=True)
     img.save(target, "PNG", optimize=False, compress_level=6)
     return label_row(item)
@@ -353,25 +352,26 @@ def build_dataset(out: str | Path = "data/raw/emoji20", seed: int = 0, workers: 
     class (each in up to three styles), for small test builds.
 
     Builds into `<out>.partial` and then swaps it in, so an interrupted build leaves no half
-    dataset. An existing `out` is replaced only if it is a previous build (has labels.csv and
-    ATTRIBUTION.md), and `out` may not lie inside a source tree or another stage's output
-    (`outputs.check_folder`).
+    dataset. `out` may not lie inside a source tree or another stage's output (`outputs.check_folder`).
+    The build's marker lists every file it writes (written before the first one), and an existing `out`
+    or an interrupted `<out>.partial` is deleted only when it holds nothing else (`outputs.remove_own`):
+    a class folder a user added to `out` makes the build stop and name it.
     """
     out = Path(out)
-    outputs.check_folder("build", out)
-    items = plan(classes, limit_per_class, seed)
     partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    for folder, what in ((out, "the previous build"), (partial, "an interrupted build")):
+        outputs.check_folder("build", folder)
+        outputs.check_removable(folder, "build", what)  # before any work, and before anything is deleted
+    items = plan(classes, limit_per_class, seed)
+    outputs.remove_own(partial, "build", "an interrupted build")
+    outputs.mark(partial, "build", [item.path for item in items] + list(outputs.SIGNATURES["build"]))
     labels = sorted(_render_all(items, partial, seed, workers, progress), key=lambda r: r["path"])
-    with (partial / "labels.csv").open("w", newline="", encoding="utf-8") as f:
+    with outputs.output_path(partial, "labels.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=LABEL_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(labels)
-    (partial / "ATTRIBUTION.md").write_text(attribution_text(labels), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
+    outputs.output_path(partial, "ATTRIBUTION.md").write_text(attribution_text(labels), encoding="utf-8")
+    outputs.remove_own(out, "build", "the previous build")
     partial.rename(out)
     return labels
 
@@ -400,14 +400,17 @@ def print_counts(labels: list[dict], title: str = "") -> None:
 
     counts = count_table(labels)
     columns = [*STYLES, "photo", "total"]
-    table = Table(title=title)
+    table = Table()
     table.add_column("class")
     for c in columns:
         table.add_column(c, justify="right")
     for cls, row in counts.items():
         table.add_row(cls, *[str(row[c]) for c in columns])
     table.add_row("all", *[str(sum(r[c] for r in counts.values())) for c in columns], style="bold")
-    Console().print(table)
+    console = Console()
+    if title:  # its own line: a long path wraps in a terminal, never mid-word in a log's 80 columns
+        console.print(title, soft_wrap=True, markup=False, highlight=False)
+    console.print(table)
 
 
 __all__ = ["build_dataset", "plan", "load_classmap", "make_image", "count_table", "print_counts",

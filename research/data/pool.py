@@ -37,24 +37,15 @@ def workers_for(workers: int | None = None, cap: int | None = None) -> int:
 
 @contextlib.contextmanager
 def progress_bar(enabled: bool, total: int, label: str, transient: bool = False) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr (or nothing); yields `advance(n)`."""
+    """A progress bar on stderr in a terminal, one line when done in a log (`progress.counting`), or nothing;
+    yields `advance(n)`."""
     if not enabled:
         yield lambda n: None
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from research.progress import counting
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=Console(stderr=True), transient=transient) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
+    with counting(total, label, transient) as advance:
+        yield advance
 
 
 def pmap(fn: Callable[[Any], Any], tasks: Iterable, *, workers: int | None = None, progress: bool = False,

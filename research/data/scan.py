@@ -14,7 +14,8 @@ Bad files are rows with `ok=False` and a reason in `error`; nothing raises. Deci
 - Hidden files (name starting with '.', or anywhere under a hidden folder, e.g.
   `.DS_Store`, `._x.jpg`, `.ipynb_checkpoints/`) are listed with ok=False, error 'hidden file'.
 - Files directly under root (e.g. `labels.csv`) have class '' and ok=False
-  'not in a class folder'. Nested sub-folders belong to their top-level class.
+  'not in a class folder'; the root's `.research-stage` (the data build's marker) is not listed.
+  Nested sub-folders belong to their top-level class.
 - Symlinks are never followed into folders (no loops): a link to a folder, a looping link and a
   broken link are each a row with ok=False. A link to a regular file is read like the file.
 - Width/height are as stored; an EXIF orientation is not applied (the paths of EXIF-rotated
@@ -37,6 +38,7 @@ from pathlib import Path
 from PIL import Image
 
 from research.data.image import MAX_PIXELS
+from research.data.outputs import MARKER
 from research.data.pool import pmap
 
 COLUMNS = ["class", "path", "format", "mode", "width", "height", "bytes", "sha256", "ok", "error"]
@@ -121,6 +123,8 @@ def walk(root: str | Path) -> list[_Entry]:
             entries.append(_Entry(folder, rel, rel.split("/")[0], f"cannot list folder: {exc.strerror or exc}"))
             continue
         for e in children:
+            if not rel_folder and e.name == MARKER:  # a stage's marker (research/data/outputs.py), not data
+                continue
             rel = f"{rel_folder}/{e.name}" if rel_folder else e.name
             hidden = hidden_folder or e.name.startswith(".")
             if e.is_dir(follow_symlinks=False):

@@ -1,19 +1,20 @@
 """The study spec (`sweeps/*.yaml`): what to search, over which TrainConfig, for how many trials.
 
-Validation builds the base TrainConfig and one probe config per searched key, so a spec with a typo or a
-value the trainer refuses fails when it is loaded, not hours into a study.
+Validation builds the base TrainConfig and one probe config per searched key, and the sampler, the pruner
+and every search distribution with Optuna's own constructors; the objective must be a metric the trainer
+logs each epoch. So a spec with a typo or a value the trainer or Optuna refuses fails when it is loaded,
+before any study, parent run or trial exists, not hours into a study.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Literal
 
 from research import config as config_mod
-from research.config import ConfigError, TrainConfig
+from research.config import SEED_MAX, ConfigError, Range, TrainConfig, check_ranges
 
 
 @dataclasses.dataclass
@@ -40,6 +41,30 @@ class ParamSpec:
         if self.log and self.low <= 0:
             raise ConfigError(f"log-scale parameter needs low > 0 (got {self.low}).")
 
+    def distribution(self):
+        """The Optuna distribution a trial samples from (ValueError from Optuna's constructor when it refuses)."""
+        from optuna import distributions
+
+        if self.type == "categorical":
+            return distributions.CategoricalDistribution(self.choices)
+        if self.type == "int":
+            return distributions.IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return distributions.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+
+    def check_distribution(self, key: str) -> None:
+        """Optuna accepts it, and an int parameter's low, high and step are whole numbers."""
+        if self.type == "int":
+            fractional = [f"{k}={v}" for k, v in (("low", self.low), ("high", self.high), ("step", self.step))
+                          if v is not None and not float(v).is_integer()]
+            if fractional:
+                raise ConfigError(f"space.{key}: an int parameter takes whole numbers ({', '.join(fractional)}); "
+                                  "use type: float for fractions.")
+        try:
+            self.distribution()
+        except ValueError as exc:
+            raise ConfigError(f"space.{key}: Optuna refuses this {self.type} distribution: {str(exc).rstrip('.')}. "
+                              "A step must be > 0, and log: true takes no step.") from exc
+
     def probes(self) -> list[Any]:
         """Every choice, or both bounds: the values the trainer must accept before a study starts."""
         if self.type == "categorical":
@@ -59,8 +84,13 @@ class ObjectiveSpec:
     direction: str = "maximize"
 
     def validate(self) -> None:
+        from research.runlog import EPOCH_METRICS  # here, not at the top: runlog imports torch and MLflow
+
         if self.direction not in ("maximize", "minimize"):
             raise ConfigError(f"objective.direction={self.direction!r}: use maximize or minimize.")
+        if self.metric not in EPOCH_METRICS:
+            raise ConfigError(f"objective.metric={self.metric!r} is not a metric the trainer logs each epoch; use one "
+                              f"of {', '.join(EPOCH_METRICS)} (default val_f1_macro).")
 
 
 @dataclasses.dataclass
@@ -72,6 +102,21 @@ class SamplerSpec:
     def validate(self) -> None:
         if self.name not in ("tpe", "random"):
             raise ConfigError(f"sampler.name={self.name!r}: use tpe or random.")
+        check_ranges(self, {"seed": Range(f"[0, {SEED_MAX}]", "numpy's seed range; null: a random seed"),
+                            "n_startup_trials": Range("[0, inf)", "random trials before TPE models the results")},
+                     "sampler.")
+        try:
+            self.build()
+        except ValueError as exc:
+            raise ConfigError(f"sampler: Optuna refuses it: {str(exc).rstrip('.')}.") from exc
+
+    def build(self):
+        """The Optuna sampler the spec names."""
+        import optuna
+
+        if self.name == "random":
+            return optuna.samplers.RandomSampler(seed=self.seed)
+        return optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=self.n_startup_trials)
 
 
 @dataclasses.dataclass
@@ -85,6 +130,25 @@ class PrunerSpec:
     def validate(self) -> None:
         if self.name not in ("median", "hyperband", "none"):
             raise ConfigError(f"pruner.name={self.name!r}: use median, hyperband or none.")
+
+    def build(self, epochs: int):
+        """The Optuna pruner the spec names, for trials of `epochs` epochs (hyperband's max_resource).
+
+        Optuna's HyperbandPruner checks its parameters only when the first trial reports (a reduction_factor
+        of 1 then fails every trial); its brackets are SuccessiveHalvingPruners, whose constructor checks them,
+        so one is built here first. ValueError from Optuna names the parameter."""
+        import optuna
+
+        if self.name == "none":
+            return optuna.pruners.NopPruner()
+        if self.name == "median":
+            return optuna.pruners.MedianPruner(n_startup_trials=self.n_startup_trials,
+                                               n_warmup_steps=self.n_warmup_steps)
+        if self.min_resource > epochs:
+            raise ValueError(f"min_resource={self.min_resource} is more than the trials' {epochs} epochs")
+        optuna.pruners.SuccessiveHalvingPruner(min_resource=self.min_resource, reduction_factor=self.reduction_factor)
+        return optuna.pruners.HyperbandPruner(min_resource=self.min_resource, max_resource=epochs,
+                                              reduction_factor=self.reduction_factor)
 
 
 @dataclasses.dataclass
@@ -113,10 +177,18 @@ class SweepSpec:
             raise ConfigError(f"The sweep spec's `space` is empty but n_trials={self.n_trials}: a spec without a space "
                               "is one fixed config (a baseline), so set n_trials: 1, or add a parameter to search, "
                               "e.g. space: {lr: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}}.")
+        if self.study_name is not None and not self.study_name.strip():
+            raise ConfigError("study_name is empty: name the study (--study-name NAME, or study_name: in the spec), "
+                              "or leave it out to use the spec file's name.")
         self.space = {k: v if isinstance(v, ParamSpec) else config_mod.from_dict(ParamSpec, v, f"space.{k}.")
                       for k, v in self.space.items()}
         base = base_config(self)
+        try:
+            self.pruner.build(base.epochs)
+        except ValueError as exc:
+            raise ConfigError(f"pruner ({self.pruner.name}): Optuna refuses it: {str(exc).rstrip('.')}.") from exc
         for key, param in self.space.items():
+            param.check_distribution(key)
             for value in param.probes():
                 try:
                     config_mod.replace(base, **nest({key: value}))
@@ -177,9 +249,12 @@ def base_config(spec: SweepSpec) -> TrainConfig:
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
     """A spec from YAML (study name: the file's stem unless set), or from the resolved JSON a launcher writes."""
     path = Path(path)
-    if path.suffix == ".json":
-        return config_mod.from_dict(SweepSpec, config_mod.merge(json.loads(path.read_text()), overrides or {}))
-    spec = config_mod.load(SweepSpec, path, overrides)
-    if spec.study_name is None:
+    data = config_mod.merge(config_mod.read_yaml(path), overrides or {})  # read_yaml reads a .json file as JSON
+    missing = [f"`{key}`" for key in ("base", "space") if key not in data]
+    if missing:
+        raise ConfigError(f"{path} has no {' and no '.join(missing)}: a sweep spec needs `base` (TrainConfig keys) and "
+                          "`space` (the keys to search; {} for one fixed config), e.g. sweeps/demo.yaml.")
+    spec = config_mod.from_dict(SweepSpec, data)
+    if spec.study_name is None and path.suffix != ".json":
         spec.study_name = path.stem
     return spec

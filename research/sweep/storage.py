@@ -44,11 +44,29 @@ def make_storage(url: str | None) -> JournalStorage | RDBStorage:
         url = f"journal:{url}"
     if url.startswith("journal:"):
         path = Path(url.removeprefix("journal:"))
+        if path.is_dir():
+            raise ConfigError(f"storage {url!r} names a folder; a journal is a file, e.g. "
+                              f"journal:{path / 'optuna.journal'}.")
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     if url.startswith(("postgresql", "sqlite", "mysql")):
-        return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        try:
+            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except ImportError as exc:  # SQLAlchemy's dialect needs a driver package this environment lacks
+            missing = f"{exc.__cause__ or exc}"
+            raise ConfigError(f"storage {_without_password(url)}: its database driver is not installed ({missing}). "
+                              "Install it (postgresql://: psycopg[binary]; mysql://: mysqlclient, or write "
+                              "mysql+pymysql:// and install pymysql), or use journal:PATH on one machine.") from exc
     raise ConfigError(f"storage {url!r}: use journal:PATH, a *.journal path, postgresql://..., or sqlite:///...")
+
+
+def _without_password(url: str) -> str:
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: show its scheme only
+        return url.split("://")[0] + "://..."
 
 
 def slot_lock(url: str | None, key: str = ""):
@@ -62,20 +80,11 @@ def slot_lock(url: str | None, key: str = ""):
 
 
 def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
-    if spec.sampler.name == "random":
-        return optuna.samplers.RandomSampler(seed=spec.sampler.seed)
-    return optuna.samplers.TPESampler(seed=spec.sampler.seed, n_startup_trials=spec.sampler.n_startup_trials)
+    return spec.sampler.build()
 
 
 def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
-    p = spec.pruner
-    if p.name == "none":
-        return optuna.pruners.NopPruner()
-    if p.name == "hyperband":
-        epochs = int(spec.base.get("epochs", TrainConfig().epochs))
-        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=epochs,
-                                              reduction_factor=p.reduction_factor)
-    return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+    return spec.pruner.build(int(spec.base.get("epochs", TrainConfig().epochs)))  # as validated (SweepSpec.validate)
 
 
 def open_study(spec: SweepSpec, storage_url: str | None) -> optuna.Study:

@@ -116,6 +116,16 @@ def spec_with(tmp_path, **changes):
     ({"timeout": -5}, "timeout=-5"),
     ({"heartbeat_grace": float("nan")}, "heartbeat_grace=nan"),
     ({"enqueue": [{"sampler": "weighted"}]}, "outside the search space"),
+    # issue 26: specs that validated, then failed every trial (or left a parent run and a trial RUNNING)
+    ({"objective": {"metric": "nonexistent"}}, "objective.metric='nonexistent' is not a metric the trainer logs"),
+    ({"pruner": {"name": "hyperband", "reduction_factor": 1}}, "reduction_factor >= 2"),
+    ({"pruner": {"name": "hyperband", "min_resource": 50}}, "min_resource=50 is more than the trials' 10 epochs"),
+    ({"pruner": {"name": "median", "n_warmup_steps": -1}}, "n_warmup_steps"),
+    ({"space": {"lr": {"type": "float", "low": 1e-3, "high": 0.1, "step": 0}}}, "space.lr: Optuna refuses"),
+    ({"space": {"epochs": {"type": "int", "low": 1, "high": 2, "step": 0.5}}}, "space.epochs: an int parameter"),
+    ({"space": {"lr": {"type": "float", "low": 1e-3, "high": 0.1, "step": 0.01, "log": True}}}, "not supported"),
+    ({"sampler": {"name": "tpe", "seed": -1}}, "sampler.seed=-1"),
+    ({"study_name": " "}, "study_name is empty"),
 ])
 def test_a_sweep_spec_is_checked_in_full_before_any_storage_or_run(changes, needle, tmp_path):
     """Every choice and both bounds are tried against TrainConfig when the spec loads, not at trial time."""
