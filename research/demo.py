@@ -35,7 +35,6 @@ def demo(workers: int | None = None, spec_path: Path = SPEC, predict_n: int = 12
     from research.data.split import build_version
     from research.eda import run_eda
     from research.predict import predict_files
-    from research.registry import promote
     from research.serving import load_model
     from research.sweep import load_spec, sweep
 
@@ -81,7 +80,7 @@ def demo(workers: int | None = None, spec_path: Path = SPEC, predict_n: int = 12
     summary = timed("sweep", lambda: sweep(spec, spec_path=str(spec_path)))
 
     step("6/7 promote")
-    promotion = timed("promote", lambda: promote(study=spec.study_name))
+    promotion = timed("promote", lambda: promote_or_keep(spec.study_name))
     console.print(f"champion: {promotion.uri} = version {promotion.version} (run {promotion.run_id})"
                   + ("  [dim](already champion)" if promotion.already_champion else ""))
 
@@ -115,6 +114,22 @@ def demo(workers: int | None = None, spec_path: Path = SPEC, predict_n: int = 12
     return {"seconds": total, "timings": timings, "study": summary, "promotion": promotion, "predictions": preds}
 
 
+def promote_or_keep(study: str):
+    """Promote the study's best run; when the registry's champion beats it (or was chosen on other data), keep
+    that champion, say so in one line, and go on with it: a second demo never fails for a better champion."""
+    from research.registry import PromotionRefused, champion_promotion, promote
+
+    try:
+        return promote(study=study)
+    except PromotionRefused as refused:
+        champ, cand = refused.champion, refused.candidate
+        if champ is None or cand is None:
+            raise
+        console.print(f"kept the registry's champion: {champ.metric} {_short(champ.score)} ({champ.where}) against "
+                      f"this study's best {cand.metric} {_short(cand.score)} ({cand.where})", soft_wrap=True)
+        return champion_promotion(champ, cand.metric)
+
+
 def summary_rows(cleaned, notes, spec, summary, promotion, right, shown, version_dir, total,
                  timings) -> list[tuple[str, str]]:
     """The demo's outcome in words, as (label, text) rows: rounded numbers, what to run next."""
@@ -129,7 +144,8 @@ def summary_rows(cleaned, notes, spec, summary, promotion, right, shown, version
         ("best trial", f"#{summary.get('best_trial')}, val macro F1 {summary.get('best_value', float('nan')):.3f}"),
         ("", params),
         ("champion", f"{promotion.uri}, version {promotion.version}"),
-        ("", "test macro F1 " + (f"{test_f1:.3f}" if test_f1 is not None else "n/a")),
+        ("", f"best {promotion.metric} {_short(promotion.score)} (chose it), test macro F1 "
+             + (f"{test_f1:.3f}" if test_f1 is not None else "n/a") + " (reports it)"),
         ("sample predictions", f"{right} of {shown} right (a random sample of the test split)"),
         ("artifacts", storage_text(summary)),
         ("data", f"{RAW}/, {CLEAN}/, {version_dir}/"),

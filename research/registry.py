@@ -1,10 +1,14 @@
 """Choose a run and register it: `python -m research promote`.
 
 `promote(...)` picks the best FINISHED run that has a model (default: the best of any architecture
-by its best-epoch val macro F1; `--model-filter vgg16_v2` keeps the seed's choice), registers the
-run's own model `model` as a new version of `illustration-classifier` (no copy: that model is both
-a torch module and the pyfunc, see research/runlog.py), and moves the aliases: `champion` to the new
-version, `previous` to the one it replaces.
+by its best-epoch val macro F1, or by its study's objective with --study; `--model-filter vgg16_v2`
+keeps the seed's choice), registers the run's own model `model` as a new version of
+`illustration-classifier` (no copy: that model is both a torch module and the pyfunc, see
+research/runlog.py), and moves the aliases: `champion` to the new version, `previous` to the one it replaces.
+
+Validation chooses, test reports: the ranking and the gate against the current champion read a
+validation metric only (a test metric is refused), and compare like with like (same selection metric,
+same dataset digest). The test figures are shown beside, never used.
 
 Aliases are the lasting interface (`models:/illustration-classifier@champion`). Stages
 (`models:/illustration-classifier/Production`) are deprecated upstream (MLflow 2.9+) and still
@@ -57,7 +61,22 @@ DEFAULT_METRIC = "val_f1_macro"
 
 
 class PromotionRefused(ConfigError):
-    """The candidate is worse than the current champion on test macro F1 (pass --force to promote anyway)."""
+    """The candidate does not beat the current champion on the selection metric (val), or the two were chosen
+    on different data or metrics; pass --force to promote anyway. `champion` and `candidate`: what was compared."""
+
+    def __init__(self, message: str, champion: Champion | None = None, candidate: Candidate | None = None):
+        super().__init__(message)
+        self.champion, self.candidate = champion, candidate
+
+
+def check_selection_metric(metric: str) -> None:
+    """Only validation metrics choose: a champion picked on test would carry an optimistic test score."""
+    if not metric.startswith("val_"):
+        raise ConfigError(
+            f"--metric {metric!r}: promote ranks and gates on a validation metric only (the test split reports, "
+            "it never chooses: a champion picked on test has an optimistic test score). Use --metric val_f1_macro "
+            "(the default), val_accuracy or val_loss."
+        )
 
 
 # ------------------------------------------------------------------------------ picking a run
@@ -76,6 +95,44 @@ class Candidate:
     def test_f1(self) -> float | None:
         return self.run.data.metrics.get("test_f1_macro")
 
+    @property
+    def dataset_digest(self) -> str:
+        return self.run.data.params.get("dataset_digest", "")
+
+    @property
+    def where(self) -> str:
+        """Where the run came from, in words: `study demo trial 3, run <id>`."""
+        tags = self.run.data.tags
+        if "optuna_study" not in tags:
+            return f"run {self.run_id}"
+        return f"study {tags['optuna_study']} trial {tags.get('optuna_trial', '?')}, run {self.run_id}"
+
+
+@dataclasses.dataclass
+class Champion:
+    """The registered champion as the gate sees it: its version's tags, written by `version_tags`."""
+
+    version: str
+    run_id: str
+    metric: str | None  # the metric it was selected on
+    score: float | None  # that metric's best value
+    dataset_digest: str
+    dataset_version: str
+    test_f1: float | None  # shown, never compared
+    study: str | None
+
+    @classmethod
+    def of(cls, mv) -> Champion:
+        metric = mv.tags.get("selection_metric")
+        return cls(str(mv.version), mv.tags.get("source_run_id", "?"), metric,
+                   _tag_float(mv, f"best_{metric}") if metric else None, mv.tags.get("dataset_digest", ""),
+                   mv.tags.get("dataset_version", ""), _tag_float(mv, "test_f1_macro"), mv.tags.get("optuna_study"))
+
+    @property
+    def where(self) -> str:
+        study = f"study {self.study}, " if self.study else ""
+        return f"version {self.version}, {study}run {self.run_id}"
+
 
 def _experiment_ids(client, experiment: str | None) -> list[str]:
     if experiment:
@@ -89,6 +146,17 @@ def _experiment_ids(client, experiment: str | None) -> list[str]:
 
 def _quote(value: str) -> str:
     return "'" + value.replace("'", "\\'") + "'"
+
+
+def study_metric(client, study: str) -> str | None:
+    """The metric a study optimised (its parent run's `objective` param, e.g. `maximize val_f1_macro`), or None."""
+    parents = search_all_runs(client, _experiment_ids(client, None),
+                              f"tags.optuna_study = {_quote(study)} and tags.optuna_role = 'parent'")
+    for parent in parents:
+        metric = parent.data.params.get("objective", "").partition(" ")[2]
+        if metric:
+            return metric
+    return None
 
 
 def run_filter(study: str | None, model_filter: str | None) -> str:
@@ -107,10 +175,18 @@ def runs_with_model(client, experiment_ids: list[str]) -> set[str]:
 
 def pick_run(client, *, study: str | None = None, run_id: str | None = None, experiment: str | None = None,
              model_filter: str | None = DEFAULT_FILTER, metric: str = DEFAULT_METRIC) -> Candidate:
-    """The run to promote: `run_id` itself, or the best FINISHED run with a model in the scope."""
-    model_filter = None if model_filter in (None, "", "any") else model_filter
+    """The run to promote: `run_id` itself, or the best FINISHED run with a model in the scope by `metric` (val)."""
+    check_selection_metric(metric)
     if run_id:
         return _named_run(client, run_id, metric)
+    return ranked_runs(client, study=study, experiment=experiment, model_filter=model_filter, metric=metric)[0]
+
+
+def ranked_runs(client, *, study: str | None = None, experiment: str | None = None,
+                model_filter: str | None = DEFAULT_FILTER, metric: str = DEFAULT_METRIC) -> list[Candidate]:
+    """The FINISHED runs with a model in the scope, best first by `metric` (a val metric); never empty."""
+    check_selection_metric(metric)
+    model_filter = None if model_filter in (None, "", "any") else model_filter
     ids = _experiment_ids(client, experiment)
     runs = search_all_runs(client, ids, run_filter(study, model_filter)) if ids else []
     with_model = runs_with_model(client, ids) if runs else set()
@@ -134,7 +210,7 @@ def pick_run(client, *, study: str | None = None, run_id: str | None = None, exp
     sign = -1.0 if minimise(metric) else 1.0
     # ties go to the earlier run: a re-run that merely equals the champion does not displace it
     scored.sort(key=lambda c: (-sign * c.score, c.run.info.start_time or 0))
-    return scored[0]
+    return scored
 
 
 def _named_run(client, run_id: str, metric: str) -> Candidate:
@@ -161,9 +237,9 @@ class Promotion:
     run_id: str
     metric: str
     score: float
-    test_f1: float | None
+    test_f1: float | None  # shown, never compared
     previous_version: str | None
-    previous_test_f1: float | None
+    previous_score: float | None  # the replaced champion's best `metric`
     already_champion: bool = False
     reused_version: bool = False
     stage: str | None = None
@@ -328,14 +404,17 @@ def transition_stage(client, name: str, version: str) -> tuple[str | None, str]:
 
 
 def promote(*, study: str | None = None, run_id: str | None = None, experiment: str | None = None,
-            model_filter: str | None = DEFAULT_FILTER, metric: str = DEFAULT_METRIC, name: str = MODEL_NAME,
-            force: bool = False) -> Promotion:
+            model_filter: str | None = DEFAULT_FILTER, metric: str | None = None, name: str = MODEL_NAME,
+            force: bool = False, ensemble: int = 1) -> Promotion:
     """Register the best run as the champion version of `name`; see the module docstring.
 
-    The best run of any architecture by `metric`, unless `model_filter` names one (None or "any": all),
-    within `study` or `experiment` when given; `run_id` skips the choice.
+    The best run of any architecture by `metric` (None: the study's objective with `study`, else
+    val_f1_macro), unless `model_filter` names one (None or "any": all), within `study` or `experiment`
+    when given; `run_id` skips the choice. `ensemble` K > 1: the K best runs of the scope become one logged
+    run whose model averages their probabilities (research.ensemble), and that run is the candidate.
 
-    Raises PromotionRefused when the candidate's test macro F1 is below the champion's and not `force`.
+    Raises PromotionRefused, unless `force`, when the candidate's best `metric` does not beat the champion's,
+    or when the two are not comparable (another selection metric or dataset digest).
     Promoting the current champion's run again changes nothing. Promotes of one name are serialised
     (a lock on the store: a file lock beside sqlite, an advisory lock on PostgreSQL); against an
     `mlflow server`, which offers no lock, the champion is re-read at the end and reported as it is.
@@ -344,10 +423,18 @@ def promote(*, study: str | None = None, run_id: str | None = None, experiment: 
     from mlflow.exceptions import MlflowException
 
     check_name(name)
+    if metric is not None:
+        check_selection_metric(metric)  # before the store is touched
     tracking.setup()
     tracking.check_reachable()
     client = mlflow.MlflowClient()
-    cand = pick_run(client, study=study, run_id=run_id, experiment=experiment, model_filter=model_filter, metric=metric)
+    metric = metric or (study_metric(client, study) if study else None) or DEFAULT_METRIC
+    if ensemble > 1:
+        cand = ensemble_candidate(client, ensemble, study=study, experiment=experiment, model_filter=model_filter,
+                                  metric=metric)
+    else:
+        cand = pick_run(client, study=study, run_id=run_id, experiment=experiment, model_filter=model_filter,
+                        metric=metric)
     uri = tracking.tracking_uri()
     try:
         with database_lock(uri, f"promote:{name}"):
@@ -359,6 +446,17 @@ def promote(*, study: str | None = None, run_id: str | None = None, experiment: 
     if champ is not None and str(champ.version) != result.version:
         result.overtaken_by = str(champ.version)
     return result
+
+
+def ensemble_candidate(client, k: int, *, metric: str, **scope) -> Candidate:
+    """The K best runs of the scope logged as one ensemble run (research.ensemble), as a Candidate."""
+    from research.ensemble import build_ensemble
+
+    ranked = [c for c in ranked_runs(client, metric=metric, **scope) if "ensemble_of" not in c.run.data.tags]
+    if len(ranked) < k:
+        raise ConfigError(f"--ensemble {k}: the scope holds {len(ranked)} finished run(s) with a model; use "
+                          f"--ensemble {len(ranked)} or fewer (a study keeps the weights of its keep_top_k best).")
+    return _named_run(client, build_ensemble(ranked[:k], scope.get("study")), metric)
 
 
 def check_name(name: str) -> None:
@@ -374,22 +472,17 @@ def check_name(name: str) -> None:
 
 def _promote(client, cand: Candidate, name: str, metric: str, force: bool) -> Promotion:
     """The decision and the writes, under the promote lock: the champion read here is the current one."""
-    champ = current_champion(client, name)
-    champ_f1 = _tag_float(champ, "test_f1_macro") if champ is not None else None
+    mv = current_champion(client, name)
+    champ = Champion.of(mv) if mv is not None else None
     result = Promotion(name, "", cand.run_id, metric, cand.score, cand.test_f1,
-                       str(champ.version) if champ is not None else None, champ_f1,
+                       champ.version if champ else None, champ.score if champ else None,
                        torch_model_uri=f"runs:/{cand.run_id}/{TORCH_NAME}")
-    if champ is not None and champ.tags.get("source_run_id") == cand.run_id:
-        result.version, result.already_champion = str(champ.version), True
+    if champ is not None and champ.run_id == cand.run_id:
+        result.version, result.already_champion = champ.version, True
         result.previous_version = _alias_version(client, name, PREVIOUS)
         return result
-    if champ_f1 is not None and not force and (cand.test_f1 is None or cand.test_f1 < champ_f1):
-        cand_f1 = "none logged" if cand.test_f1 is None else f"{cand.test_f1:.4f}"
-        raise PromotionRefused(
-            f"Run {cand.run_id} has test_f1_macro {cand_f1}, below the champion's {champ_f1:.4f} "
-            f"({name} version {champ.version}, run {champ.tags.get('source_run_id', '?')}). "
-            "Not promoted; pass --force to promote it anyway."
-        )
+    if champ is not None and not force:
+        gate(champ, cand, name)
     existing = version_of_run(client, name, cand.run_id)
     if existing is not None:
         result.version, result.reused_version = str(existing.version), True
@@ -398,6 +491,36 @@ def _promote(client, cand: Candidate, name: str, metric: str, force: bool) -> Pr
     move_aliases(client, name, result.version, result.previous_version)
     result.stage, result.stage_note = transition_stage(client, name, result.version)
     return result
+
+
+def champion_promotion(champ: Champion, metric: str, name: str = MODEL_NAME) -> Promotion:
+    """The standing champion as a Promotion that changed nothing (what `demo` goes on with when it keeps it)."""
+    return Promotion(name, champ.version, champ.run_id, champ.metric or metric, math.nan if champ.score is None
+                     else champ.score, champ.test_f1, None, None, already_champion=True,
+                     torch_model_uri=f"runs:/{champ.run_id}/{TORCH_NAME}")
+
+
+def gate(champ: Champion, cand: Candidate, name: str) -> None:
+    """Refuse a candidate that is not comparable with the champion, or does not beat it on the selection metric."""
+    metric = cand.metric
+    force = f"pass --force to make run {cand.run_id} the champion anyway"
+    if champ.metric != metric or champ.score is None:
+        raise PromotionRefused(
+            f"Not comparable: {name} {champ.where} was selected on {champ.metric or 'no recorded metric'}, this "
+            f"candidate on {metric}. Promote with --metric {champ.metric or metric}, register it beside with "
+            f"--name OTHER_NAME, or {force}.", champ, cand)
+    if champ.dataset_digest != cand.dataset_digest:
+        raise PromotionRefused(
+            f"Not comparable: {name} {champ.where} was selected on dataset {champ.dataset_version} (digest "
+            f"{champ.dataset_digest[:12] or '?'}), run {cand.run_id} on digest {cand.dataset_digest[:12] or '?'}: "
+            f"their val figures measure different images. Register it beside with --name OTHER_NAME, or {force}.",
+            champ, cand)
+    better = cand.score < champ.score if minimise(metric) else cand.score > champ.score
+    if not better:
+        raise PromotionRefused(
+            f"Run {cand.run_id} has best {metric} {_fmt(cand.score)}, not better than the champion's "
+            f"{_fmt(champ.score)} ({name} {champ.where}). Not promoted (test figures are reported, never compared: "
+            f"candidate {_fmt(cand.test_f1)}, champion {_fmt(champ.test_f1)} test macro F1); {force}.", champ, cand)
 
 
 def _alias_version(client, name: str, alias: str) -> str | None:
@@ -419,15 +542,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model-filter", default=DEFAULT_FILTER, metavar="MODEL",
                         help="only runs with params.model = MODEL, e.g. vgg16_v2 for the seed's choice "
                              "(default: any model; the best run wins whatever its architecture)")
-    parser.add_argument("--metric", default=DEFAULT_METRIC,
-                        help=f"rank by this metric's best value over epochs (default {DEFAULT_METRIC})")
+    parser.add_argument("--metric", default=None,
+                        help="rank and gate by this validation metric's best value over epochs (default: the "
+                             f"study's objective with --study, else {DEFAULT_METRIC}); test metrics are refused")
     parser.add_argument("--name", default=MODEL_NAME, help=f"registered model name (default {MODEL_NAME})")
-    parser.add_argument("--force", action="store_true", help="promote even if test macro F1 is below the champion's")
+    parser.add_argument("--ensemble", type=int, default=1, metavar="K",
+                        help="register one model that averages the probabilities of the K best runs (a new run, "
+                             "measured on val and test as served; default 1: the best run alone)")
+    parser.add_argument("--force", action="store_true",
+                        help="promote even if the champion's val score is better or the two are not comparable")
 
 
 def run(args) -> int:
+    if args.ensemble > 1 and args.run_id:
+        raise ConfigError("--ensemble K takes the K best runs of a --study or --experiment, not --run.")
+    if args.ensemble < 1:
+        raise ConfigError(f"--ensemble {args.ensemble}: use 1 (the best run alone) or more.")
     result = promote(study=args.study, run_id=args.run_id, experiment=args.experiment, model_filter=args.model_filter,
-                     metric=args.metric, name=args.name, force=args.force)
+                     metric=args.metric, name=args.name, force=args.force, ensemble=args.ensemble)
     print_promotion(result)
     return 0
 
@@ -449,10 +581,10 @@ def print_promotion(p: Promotion) -> None:
         rows = [
             ("source run", p.run_id),
             (f"best {p.metric}", _fmt(p.score)),
-            ("test_f1_macro", _fmt(p.test_f1)),
+            ("test_f1_macro", f"{_fmt(p.test_f1)} (reported, never compared)"),
             ("version", p.version + (" (existing version of this run)" if p.reused_version else " (new)")),
             (f"alias @{CHAMPION}", f"-> version {p.version}"),
-            (f"alias @{PREVIOUS}", f"-> version {p.previous_version} (test_f1_macro {_fmt(p.previous_test_f1)})"
+            (f"alias @{PREVIOUS}", f"-> version {p.previous_version} (best {p.metric} {_fmt(p.previous_score)})"
              if p.previous_version and p.previous_version != p.version else "-"),
             ("stage", f"{p.stage} (older versions archived; {p.stage_note})" if p.stage else p.stage_note),
             ("load (pyfunc)", p.uri),

@@ -94,6 +94,34 @@ def write_split_reports(result: dict[str, Any], classes: list[str], split: str, 
         fig.savefig(out / name, dpi=110, bbox_inches="tight")
 
 
+PREDICTIONS_FILE = "predictions_test.csv"  # one row per test image: what the served model must reproduce
+
+
+def write_predictions(result: dict[str, Any], classes: list[str], files: list[Path], out: Path) -> None:
+    """file (relative to the dataset version), true, label, probability: the run's test predictions, image by image."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"file": [Path(f).as_posix() for f in files], "true": [classes[i] for i in result["y_true"]],
+                          "label": [classes[i] for i in result["y_pred"]], "probability": result["prob"]})
+    frame.to_csv(out, index=False)
+
+
+def write_calibration(val: dict[str, Any], test: dict[str, Any], temperature: float, version_name: str,
+                      out: Path) -> dict[str, float]:
+    """ECE before and after the temperature (fitted on val; the test probabilities are the served, calibrated
+    ones) as metrics, and reliability_test.png beside the per-class F1 chart."""
+    from research.metrics import expected_calibration_error as ece
+    from research.metrics import reliability_figure, tempered
+
+    raw_test = tempered(test["probs"], 1.0 / temperature)  # back to temperature 1: softmax(logits)
+    fig = reliability_figure(test["probs"], test["y_true"], f"test ({version_name}), temperature {temperature:.2f}",
+                             uncalibrated=raw_test)
+    fig.savefig(out / "reliability_test.png", dpi=110, bbox_inches="tight")
+    return {"temperature": temperature, "val_ece_uncalibrated": ece(val["probs"], val["y_true"]),
+            "val_ece": ece(tempered(val["probs"], temperature), val["y_true"]),
+            "test_ece_uncalibrated": ece(raw_test, test["y_true"]), "test_ece": ece(test["probs"], test["y_true"])}
+
+
 def metric_safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_./ " else "_" for c in name)
 

@@ -1,7 +1,8 @@
 """Serving a trained model: what a consumer needs besides MLflow itself.
 
 A model logged by research/train.py is a torch module plus `extra_files/model_meta.json`: the
-class names and the preprocessing it was trained with (image size, mean/std, interpolation).
+class names, the preprocessing it was trained with (image size, mean/std, interpolation), and the
+temperature fitted on val that calibrates its probabilities (logits / T before the softmax).
 `Classifier` turns image bytes into class probabilities with exactly that preprocessing, through
 the same `research.data.image.decode` and `normalize` that training uses. `IllustrationClassifier`
 is the registered pyfunc around it: column `image` (base64 image bytes) in; `label`,
@@ -64,6 +65,8 @@ def check_meta(meta: dict[str, Any]) -> None:
             raise ConfigError(f"{META_FILE}: {key}={values!r} needs one value per RGB channel (3 numbers).")
     if any(float(s) <= 0 for s in meta["std"]):
         raise ConfigError(f"{META_FILE}: std={meta['std']!r} must be positive.")
+    if not float(meta.get("temperature", 1.0)) > 0:
+        raise ConfigError(f"{META_FILE}: temperature={meta['temperature']!r} must be a positive number.")
     if int(meta.get("image_size") or 0) <= 0 or not meta.get("classes"):
         raise ConfigError(f"{META_FILE}: needs a positive image_size and a list of classes, got "
                           f"image_size={meta.get('image_size')!r}, classes={meta.get('classes')!r}.")
@@ -141,6 +144,7 @@ class Classifier:
         self.interpolation: str = meta["interpolation"]
         self.mean = tuple(float(v) for v in meta["mean"])
         self.std = tuple(float(v) for v in meta["std"])
+        self.temperature = float(meta.get("temperature", 1.0))  # fitted on val by training; 1: the raw softmax
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.module = module.to(self.device).eval()
 
@@ -162,7 +166,7 @@ class Classifier:
         with torch.no_grad():
             for start in range(0, len(arrays), CHUNK):
                 logits = self.module(self.tensor(arrays[start : start + CHUNK]))
-                out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+                out.append(torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
@@ -200,6 +204,23 @@ class Classifier:
             out[numeric] = out[numeric].astype(object)
             out.loc[~ok, numeric] = None
         return out
+
+
+def served_probabilities(classifier: Classifier, paths: list[Path]) -> np.ndarray:
+    """[N, C] class probabilities of image files through the pyfunc's own path (file bytes -> predict_frame),
+    CHUNK files per call. A run measures its logged test figures this way, so its registered model reproduces
+    them image for image; a file that does not decode is an error here (a dataset version holds none)."""
+    out = []
+    columns = [prob_column(c) for c in classifier.classes]
+    for start in range(0, len(paths), CHUNK):
+        chunk = paths[start:start + CHUNK]
+        frame = classifier.predict_frame(pd.DataFrame({"image": [Path(p).read_bytes() for p in chunk]}))
+        failed = [f"{p}: {e}" for p, e in zip(chunk, frame["error"]) if e]
+        if failed:
+            raise ConfigError(f"{len(failed)} image(s) of the dataset version do not decode, e.g. {failed[0]}; "
+                              "rebuild the version with `python -m research split`.")
+        out.append(frame[columns].to_numpy(np.float64))
+    return np.concatenate(out) if out else np.zeros((0, len(columns)))
 
 
 def images_of(column: pd.Series) -> list[Any]:

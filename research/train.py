@@ -33,19 +33,21 @@ from research.config import ConfigError, TrainConfig
 from research.data.cache import split_items
 from research.data.loaders import Loaders, build_loaders
 from research.data.versions import Version, load_version, mlflow_dataset
+from research.errors import UserFixable
 from research.losses import build_loss
-from research.metrics import classification_metrics
+from research.metrics import classification_metrics, fit_temperature
 from research.progress import EpochDisplay
 from research.schedules import Schedule, build_optimizer, build_scheduler, layer_decay_scales, param_groups
-from research.serving import model_meta
+from research.serving import Classifier, model_meta, served_probabilities
 
 console = Console()
 
 PARAM_NAMES = {"dataset": "dataset_version"}  # config field -> the MLflow param name users know
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the run is marked FAILED (a sweep records the trial as FAIL)."""
+class TrainingDiverged(UserFixable, RuntimeError):
+    """The loss became NaN/inf; the run is marked FAILED (a sweep records that trial alone as FAIL and goes on).
+    Its message names the fix (a lower lr, warm-up), so the CLI shows it as one `error:` line."""
 
 
 @dataclasses.dataclass
@@ -130,29 +132,29 @@ def resume(ref: str, checkpoint_root: str | None = None, **kwargs) -> TrainResul
     cfg = config_mod.from_dict(TrainConfig, checkpoint["config"])
     tracking.setup()
     tracking.check_reachable()
-    try:
-        status = mlflow.MlflowClient().get_run(run_id).info.status
-    except mlflow.exceptions.MlflowException as exc:
-        raise ConfigError(f"Checkpoint {ckdir} belongs to run {run_id}, which is not in the tracking store "
-                          f"{tracking.tracking_uri()}; "
-                          "set MLFLOW_TRACKING_URI to the store it was trained in.") from exc
-    if status == "FINISHED":
-        raise ConfigError(f"Run {run_id} already finished; nothing to resume.")
-    parts = build_parts(cfg)
-    state = restore(parts, checkpoint)
-    with tracked_run(parts.cfg, run_id=run_id, parent_run_id=kwargs.pop("parent_run_id", None)) as run_id:
-        runlog.log_missing_epochs(mlflow.MlflowClient(), run_id, state.history)
-        return _train_in_run(parts, state, run_id, kwargs.get("on_start"), kwargs.get("on_epoch"))
+    with checkpoints.live_run(ckdir, run_id):  # refused (pid, host) while another process trains it
+        try:
+            run = mlflow.MlflowClient().get_run(run_id).info
+        except mlflow.exceptions.MlflowException as exc:
+            raise ConfigError(f"Checkpoint {ckdir} belongs to run {run_id}, which is not in the tracking store "
+                              f"{tracking.tracking_uri()}; "
+                              "set MLFLOW_TRACKING_URI to the store it was trained in.") from exc
+        checkpoints.check_resumable(ckdir, run_id, run.status, run.lifecycle_stage == "deleted")  # gc's rule too
+        parts = build_parts(cfg)
+        state = restore(parts, checkpoint)
+        with tracked_run(parts.cfg, run_id=run_id, parent_run_id=kwargs.pop("parent_run_id", None)) as run_id:
+            runlog.log_missing_epochs(mlflow.MlflowClient(), run_id, state.history)
+            return _train_in_run(parts, state, run_id, kwargs.get("on_start"), kwargs.get("on_epoch"))
 
 
 def _train_in_run(parts: Parts, state: TrainState, run_id: str, on_start, on_epoch) -> TrainResult:
     ckdir = checkpoints.checkpoint_dir(parts.cfg.checkpoint_dir, run_id)
-    ckdir.mkdir(parents=True, exist_ok=True)
-    if on_start is not None:
-        on_start(run_id)
-    print_start(parts, run_id, state)
-    fit(parts, state, ckdir, run_id, on_epoch)
-    test = finish(parts, ckdir, state.best_epoch)
+    with checkpoints.live_run(ckdir, run_id):  # pid + host + heartbeat beside last.pt: `--resume` refuses it
+        if on_start is not None:
+            on_start(run_id)
+        print_start(parts, run_id, state)
+        fit(parts, state, ckdir, run_id, on_epoch)
+        test = finish(parts, ckdir, state.best_epoch)
     return TrainResult(run_id, "FINISHED", state.best_epoch, state.best_val_f1, state.epoch, test, state.history)
 
 
@@ -173,8 +175,9 @@ def build_parts(cfg: TrainConfig) -> Parts:
         from research.features import build_feature_loaders
 
         models.set_trunk_frozen(model, True)
+        step_module = models.stage_split(model, cfg.trainable_stages)[1]  # the head, and the last k stages
+        step_module.requires_grad_(True)
         data = build_feature_loaders(version, model, prep, cfg, device)
-        step_module = models.trunk_and_head(model)[1]
     else:
         data = build_loaders(version, cfg, device, prep=prep)
         step_module = model
@@ -188,7 +191,7 @@ def build_parts(cfg: TrainConfig) -> Parts:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(step_module, decay=cfg.ema_decay)
-    if cfg.compile and step_module is model:
+    if cfg.compile:  # never on stored features (resolved turns it off there)
         step_module = torch.compile(model)
     return Parts(cfg, device, version, prep, data, model, step_module, build_loss(cfg, counts), optimizer, scheduler,
                  ema)
@@ -223,7 +226,7 @@ def run_epoch(parts: Parts, epoch: int, display: EpochDisplay, seconds_before: f
     """One epoch of training and validation -> the epoch's metrics row."""
     cfg = parts.cfg
     t0 = time.perf_counter()
-    if parts.step_module is not models.trunk_and_head(parts.model)[1]:  # the whole model trains
+    if cfg.loader != "features":  # the whole model trains (on stored features the trunk stays frozen)
         models.set_trunk_frozen(parts.model, epoch <= cfg.freeze_epochs)
     if hasattr(parts.criterion, "set_epoch"):
         parts.criterion.set_epoch(epoch)
@@ -247,7 +250,7 @@ def run_epoch(parts: Parts, epoch: int, display: EpochDisplay, seconds_before: f
 def train_one_epoch(parts: Parts, epoch: int, advance=lambda images: None) -> float:
     """Mean training loss over the epoch's batches."""
     module, optimizer, device, amp = parts.step_module, parts.optimizer, parts.device, parts.cfg.amp
-    if models_unwrap(module) is parts.model:
+    if parts.cfg.loader != "features":
         models.train_mode(parts.model)  # a frozen trunk stays in eval mode: its batch-norm statistics hold
     else:
         module.train()
@@ -274,29 +277,36 @@ def train_one_epoch(parts: Parts, epoch: int, advance=lambda images: None) -> fl
 
 
 def finish(parts: Parts, ckdir: Path, best_epoch: int) -> dict[str, float]:
-    """Best-val weights -> val/test metrics, reports, confusion matrices, the MLflow model."""
+    """Best-val weights -> val/test metrics, reports, confusion matrices, the MLflow model.
+
+    Val is the training-time figure that chose the epoch. Test is measured the way the registered model
+    predicts (research.serving on the image files, fp32 on the CPU, whatever amp and device trained it),
+    so `models:/...` reproduces the logged test figures image for image (predictions_test.csv lists them).
+    """
     parts.trained.load_state_dict(checkpoints.load_checkpoint(ckdir / "best.pt", what="best weights"))
-    module = parts.trained  # holds the best (EMA) weights now; on stored features, the head
-    classes = parts.data.classes
+    classes, version = parts.data.classes, parts.version
+    val = evaluate(parts.trained, parts.data.val, parts.device, parts.cfg.amp, len(classes))
+    temperature = fit_temperature(val["probs"], val["y_true"])  # on val: the served probabilities are calibrated
+    model = models_unwrap(parts.model).to("cpu").to(memory_format=torch.contiguous_format).eval()
+    meta = model_meta(classes=classes, **parts.prep.as_dict(), model=parts.cfg.model, dataset_version=version.name,
+                      dataset_digest=version.digest, channels_last=bool(parts.cfg.channels_last),
+                      temperature=temperature)
+    paths, labels = split_items(version, "test")
+    test = scores(served_probabilities(Classifier(model, meta, device="cpu"), paths), labels, len(classes))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        results = {}
-        for split, batches in (("val", parts.data.val), ("test", parts.data.test)):
-            results[split] = evaluate(module, batches, parts.device, parts.cfg.amp, len(classes))
-            gallery = {}  # the worst test mistakes as pictures: the images in the loaders' order
-            if split == "test":
-                gallery = {"paths": split_items(parts.version, split)[0], "prob": results[split]["prob"]}
-            runlog.write_split_reports(results[split], classes, split, parts.version.name, tmp, **gallery)
+        runlog.write_split_reports(val, classes, "val", version.name, tmp)
+        runlog.write_split_reports(test, classes, "test", version.name, tmp, paths=paths, prob=test["prob"])
+        calibration = runlog.write_calibration(val, test, temperature, version.name, tmp)
+        files = [p.relative_to(version.dir) for p in paths]
+        runlog.write_predictions(test, classes, files, tmp / runlog.PREDICTIONS_FILE)
         (tmp / "confusion_matrix.png").write_bytes((tmp / "confusion_matrix_test.png").read_bytes())
-        meta = model_meta(classes=classes, **parts.prep.as_dict(), model=parts.cfg.model,
-                          dataset_version=parts.version.name, dataset_digest=parts.version.digest,
-                          channels_last=bool(parts.cfg.channels_last))
         (tmp / "model_meta.json").write_text(json.dumps(meta, indent=2))
         for f in sorted(tmp.iterdir()):
             mlflow.log_artifact(str(f))
-        metrics = runlog.test_metrics(results["test"], classes) | {"best_epoch": float(best_epoch)}
+        metrics = runlog.test_metrics(test, classes) | calibration | {"best_epoch": float(best_epoch)}
         mlflow.log_metrics(metrics)
-        runlog.log_model(models_unwrap(parts.model), tmp / "model_meta.json", classes)
+        runlog.log_model(model, tmp / "model_meta.json", classes)
     return metrics
 
 
@@ -315,8 +325,12 @@ def resolved(cfg: TrainConfig, device: torch.device, model: torch.nn.Module) -> 
     on_cuda = device.type == "cuda"
     pick = lambda value: on_cuda if value is None else value  # noqa: E731
     head = cfg.head if cfg.head != "auto" else ("v2" if cfg.model.endswith("_v2") else "linear")
-    freeze = cfg.epochs if cfg.loader == "features" else min(cfg.freeze_epochs, cfg.epochs)
-    return dataclasses.replace(cfg, channels_last=pick(cfg.channels_last), amp=pick(cfg.amp), compile=pick(cfg.compile),
+    features = cfg.loader == "features"
+    # on stored features the trunk is frozen throughout, but for the last trainable_stages (trained from epoch 1)
+    freeze = (0 if cfg.trainable_stages else cfg.epochs) if features else min(cfg.freeze_epochs, cfg.epochs)
+    # on stored features only the head trains, uncompiled: the param says what happened
+    return dataclasses.replace(cfg, channels_last=pick(cfg.channels_last), amp=pick(cfg.amp),
+                               compile=pick(cfg.compile) and not features,
                                image_size=models.preprocessing(model, cfg.image_size).image_size, head=head,
                                freeze_epochs=freeze)
 
@@ -335,11 +349,10 @@ def optimizer_groups(cfg: TrainConfig, model: torch.nn.Module, step_module: torc
     and VGG16_v2's first-head-layer scale below 224 px."""
     trunk, head = models.trunk_and_head(model)
     scales: dict[int, float] = {}
-    if step_module is model:
-        if cfg.layer_decay < 1.0:
-            scales = layer_decay_scales(trunk, cfg.layer_decay)
-        if hasattr(model, "lr_scales"):
-            scales.update({id(p): f for p, f in model.lr_scales(cfg.image_size).items()})
+    if cfg.loader != "features" and cfg.layer_decay < 1.0:
+        scales = layer_decay_scales(trunk, cfg.layer_decay)
+    if hasattr(model, "lr_scales"):  # VGG16_v2's first head layer, on images or on stored features alike
+        scales.update({id(p): f for p, f in model.lr_scales(cfg.image_size).items()})
     for p in head.parameters():
         scales[id(p)] = scales.get(id(p), 1.0) * cfg.head_lr_scale
     return param_groups(step_module.parameters(), cfg.lr, cfg.weight_decay, scales)
@@ -394,8 +407,7 @@ def tracked_run(cfg: TrainConfig, *, run_id: str | None = None, parent_run_id: s
         shutil.rmtree(ckdir, ignore_errors=True)
         raise
     except BaseException:
-        with contextlib.suppress(Exception):
-            mlflow.end_run("FAILED")
+        tracking.end_run_failed(run_id)  # never raises: the error that got here is the one to show
         raise
     mlflow.end_run("FINISHED")
     shutil.rmtree(ckdir, ignore_errors=True)  # the best weights live in the run's model now
@@ -416,6 +428,8 @@ def log_run_inputs(parts: Parts, run_id: str) -> None:
     ckdir.mkdir(parents=True, exist_ok=True)
     config_mod.save(cfg, ckdir / "config.yaml")
     prep = {f"preprocess.{k}": v for k, v in parts.prep.as_dict().items() if k != "image_size"}
+    source = models.weights_source(parts.model)
+    prep |= source.as_params() if source is not None else {}
     # dataset_version is the version's name even when cfg.dataset is a directory path
     mlflow.log_params(flat_params(cfg) | prep | {"dataset_version": version.name, "dataset_digest": version.digest,
                                                  "num_classes": len(parts.data.classes)})
@@ -456,24 +470,32 @@ def predict_batches(model, batches, device: torch.device, amp: bool) -> tuple[np
 
 
 def evaluate(model, batches, device, amp, num_classes) -> dict[str, Any]:
-    logits, y_true, y_pred = predict_batches(model, batches, device, amp)
+    logits, y_true, _ = predict_batches(model, batches, device, amp)
+    return scores(torch.softmax(torch.from_numpy(logits), 1).double().numpy(), y_true, num_classes)
+
+
+def scores(probs: np.ndarray, y_true: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """Metrics of [N, C] class probabilities: accuracy, macro P/R/F1, per-class F1, loss (mean -log p of the true
+    class), and per image y_true, y_pred (argmax), prob (the predicted class's probability) and probs (all)."""
     if len(y_true) == 0:
         raise ConfigError("An evaluation split is empty; rebuild the dataset version with `python -m research split`.")
+    y_pred = probs.argmax(1)
     metrics = classification_metrics(y_true, y_pred, num_classes)
-    metrics["loss"] = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_true)))
-    metrics["y_true"], metrics["y_pred"] = y_true, y_pred
-    metrics["prob"] = torch.softmax(torch.from_numpy(logits), 1).max(1).values.numpy()  # the predicted class's
+    metrics["loss"] = float(-np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, None)).mean())
+    metrics["y_true"], metrics["y_pred"], metrics["prob"], metrics["probs"] = y_true, y_pred, probs.max(1), probs
     return metrics
 
 
 def print_start(parts: Parts, run_id: str, state: TrainState) -> None:
     cfg, prep = parts.cfg, parts.prep
     frozen = "frozen trunk, " if cfg.trunk_frozen_throughout else ""
+    if cfg.trainable_stages:
+        frozen = f"trunk frozen but its last {cfg.trainable_stages} stage(s), "
     start = f"epochs {state.epoch + 1}-{cfg.epochs}" if state.epoch else f"{cfg.epochs} epochs"
     console.print(
         f"[bold]run[/] {run_id}: {cfg.model} ({cfg.head} head) on {parts.version.name}, "
         f"{len(parts.data.train_labels)} training images, {frozen}{prep.image_size} px {prep.interpolation}, "
-        f"{parts.device}, {start}"
+        f"{parts.device}, {start}", soft_wrap=True,  # one line in a log file too, not cut at 80 columns
     )
 
 

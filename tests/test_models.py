@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 from research.config import ConfigError
-from research.models import build_model
+from research.models import build_model, weights_source
 
 
 @pytest.fixture
@@ -106,14 +106,22 @@ def test_pretrained_without_cached_weights_fails_clearly(name, empty_caches):
         build_model(name, 20, pretrained=True)
 
 
-def test_pretrained_loads_from_the_local_torch_cache(empty_caches):
-    """A resnet18 state dict placed where torchvision's cache keeps it is loaded, head replaced."""
+def test_pretrained_loads_from_the_local_torch_cache(empty_caches, monkeypatch):
+    """A resnet18 state dict placed where torchvision's cache keeps it is loaded, head replaced, its digest checked
+    against the file's name (torch hub names end in the sha256's first hex digits) and recorded."""
+    from research import pretrained
+
     url = torchvision.models.ResNet18_Weights.DEFAULT.url
     path = empty_caches / "torch" / "hub" / "checkpoints" / os.path.basename(urlparse(url).path)
     path.parent.mkdir(parents=True)
     source = torchvision.models.resnet18()
     torch.save(source.state_dict(), path)
+    with pytest.raises(ConfigError, match="sha256 mismatch"):  # not the file torchvision's URL names
+        build_model("resnet18", 3, pretrained=True)
+    digest = pretrained._sha256(path)
+    monkeypatch.setattr(pretrained, "expected_cache_digest", lambda p: digest[:8])
     model = build_model("resnet18", 3, pretrained=True)
+    assert weights_source(model).sha256 == digest
     assert torch.equal(model.trunk.conv1.weight, source.conv1.weight)
     assert model.head.out_features == 3
 

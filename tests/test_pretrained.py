@@ -89,7 +89,7 @@ def test_corrupted_package_file_fails_before_loading(tmp_path, monkeypatch, empt
     assert str(bad) in str(err.value) and PACKAGE_SOURCES[name].sha256 in str(err.value)
 
 
-def test_torch_hub_cache_comes_before_the_package(lite0_state, empty_caches):
+def test_torch_hub_cache_comes_before_the_package(lite0_state, empty_caches, monkeypatch):
     name = "tf_efficientnet_lite0"
     marked = dict(lite0_state)
     marked["conv_stem.weight"] = torch.full_like(marked["conv_stem.weight"], 0.125)
@@ -98,7 +98,13 @@ def test_torch_hub_cache_comes_before_the_package(lite0_state, empty_caches):
     path.parent.mkdir(parents=True)
     torch.save(marked, path)
     assert pretrained.timm_cached_file(name) == str(path)
-    state = pretrained.imagenet_state_dict(name)
+    # the file's name promises the digest of timm's own download: an edited file under that name is refused
+    with pytest.raises(ConfigError, match="sha256 mismatch for the cached weights"):
+        pretrained.imagenet_state_dict(name)
+    digest = pretrained._sha256(path)  # as if the name promised this file (a genuine download's does)
+    monkeypatch.setattr(pretrained, "expected_cache_digest", lambda p: digest[:8])
+    state, source = pretrained.imagenet_weights(name)
+    assert source.source == f"cache {path}" and source.sha256 == digest
     assert torch.equal(state["conv_stem.weight"], marked["conv_stem.weight"])
     assert torch.equal(state["bn2.weight"], lite0_state["bn2.weight"])
 

@@ -73,13 +73,12 @@ def test_report_picks_on_validation_and_matches_mlflow(studies):
     done = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
     assert len(done) == 3
 
-    # the champion is the best validation trial; the best test trial is never the criterion
+    # the champion is the trial whose MLflow run has the best val epoch (read here from the runs, not from the
+    # study the report reads), ties to the earlier trial
     champ = rep["champion"]
-    assert champ["trial"] == study.best_trial.number
-    assert champ["val_f1_macro"] == max(t.value for t in done) == study.best_value
-    best_test = max(done, key=lambda t: t.user_attrs["test_f1_macro"])
-    if best_test.value < study.best_value:
-        assert champ["trial"] != best_test.number
+    best_val = {t.number: max(history(t.user_attrs["mlflow_run_id"], "val_f1_macro").values()) for t in done}
+    expected = max(sorted(best_val), key=lambda n: best_val[n])
+    assert champ["trial"] == expected and champ["val_f1_macro"] == best_val[expected]
 
     # the numbers are the MLflow run's: best-epoch val, final test
     client = mlflow.MlflowClient()

@@ -8,7 +8,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from research import config as config_mod
-from research.sweep import SweepSpec, promote_command, summarize
+from research.sweep import SweepSpec, summarize
 from research.sweep.storage import open_study
 from research.sweep.worker import parent_run_id
 
@@ -45,7 +45,7 @@ def test_summary_is_in_words_with_the_next_commands(mlflow_store, tmp_path, caps
     assert best.user_attrs["mlflow_run_id"] in out and summary["parent_run_id"] in out
     assert "#2  0.5500  test n/a     lr=0.05432, sampler=weighted" in out
     lines = out.rstrip("\n").splitlines()
-    nexts = [promote_command("words", "resnet18"), f"python -m research report --study words --storage {storage}",
+    nexts = ["python -m research promote --study words", f"python -m research report --study words --storage {storage}",
              "python -m research runs --study words", "python -m research ui"]
     assert [line.split("  ")[-1].strip() for line in lines[-4:]] == nexts  # the commands end it, one a line
     # aligned: every label in one column, every value starting at the same place

@@ -141,7 +141,7 @@ def test_features_loader_trains_the_head_on_stored_embeddings(tiny_version, mlfl
     params = client.get_run(first.run_id).data.params
     assert params["loader"] == "features" and params["freeze_epochs"] == "3" and params["image_size"] == "32"
     assert params["preprocess.mean"] == "[0.5, 0.5, 0.5]" and params["preprocess.interpolation"] == "bicubic"
-    assert again.test["test_f1_macro"] >= 0.0
+    assert again.test["test_f1_macro"] == client.get_run(again.run_id).data.metrics["test_f1_macro"]
     # the whole model, as served: its test predictions reproduce the run's test accuracy
     local = mlflow.artifacts.download_artifacts(f"runs:/{first.run_id}/model", dst_path=str(tmp_path / "m"))
     clf = classifier_from_torch_dir(local)
@@ -150,7 +150,7 @@ def test_features_loader_trains_the_head_on_stored_embeddings(tiny_version, mlfl
     frame = __import__("pandas").DataFrame({"image": [p.read_bytes() for p in paths]})
     predicted = clf.predict_frame(frame)["label"].tolist()
     accuracy = sum(p == clf.classes[y] for p, y in zip(predicted, labels)) / len(labels)
-    assert accuracy == pytest.approx(first.test["test_accuracy"], abs=1.5 / len(labels))
+    assert accuracy == first.test["test_accuracy"]  # exactly: the logged test figure is the served one
     assert isinstance(mlflow.pytorch.load_model(f"runs:/{first.run_id}/model").trunk, torch.nn.Module)
 
 

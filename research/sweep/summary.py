@@ -19,8 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna.visualization import matplotlib as ovm
 from rich.console import Console
 
-from research import registry, tracking
-from research.config import TrainConfig
+from research import tracking
 from research.sweep.spec import SweepSpec
 from research.sweep.storage import open_study
 
@@ -131,9 +130,8 @@ def summary_text(done: list[FrozenTrial], spec: SweepSpec, summary: dict[str, An
     commands = [f"python -m research runs --study {name}",
                 "python -m research ui" if tracking.is_local() else f"open {tracking.tracking_uri()} in a browser"]
     if done:
-        model = done[0].params.get("model", spec.base.get("model", TrainConfig().model))
         storage = f" --storage {shlex.quote(storage_url)}" if storage_url else ""
-        commands = [promote_command(name, model), f"python -m research report --study {name}{storage}", *commands]
+        commands = [promote_command(name), f"python -m research report --study {name}{storage}", *commands]
     rows += [("next" if i == 0 else "", command) for i, command in enumerate(commands)]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {text}".rstrip() for label, text in rows)
@@ -149,11 +147,6 @@ def params_text(params: dict[str, Any]) -> str:
     return text or "no searched params"
 
 
-def promote_command(study_name: str, model: str) -> str:
-    """The command that promotes this study's best run; `--model-filter` only where promote's default
-    filter (registry.DEFAULT_FILTER; None = any architecture) would pass over `model`."""
-    command = f"python -m research promote --study {study_name}"
-    default = registry.DEFAULT_FILTER
-    if default is not None and default != model:
-        command += f" --model-filter {model}"
-    return command
+def promote_command(study_name: str) -> str:
+    """The command that promotes this study's best run (by the study's objective, of any architecture)."""
+    return f"python -m research promote --study {shlex.quote(study_name)}"
