@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import json
 import math
 import types
 import typing
@@ -102,6 +104,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {data!r}.")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: missing required key(s) {', '.join(missing)}.")
     kwargs = {}
     for key, value in data.items():
         if key not in names:
@@ -119,19 +125,35 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """`["lr=1e-3", "augment.mixup=0.2"]` -> nested dict; values parsed as YAML scalars."""
+    """`["lr=1e-3", "augment.mixup=0.2"]` -> nested dict; values parsed as YAML (safe: no Python objects)."""
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
             raise ConfigError(f"Override {item!r} is not key=value (example: --set lr=1e-3).")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Override {item!r}: the value is not valid YAML ({_yaml_problem(exc)}); quote a "
+                              f"string, e.g. --set '{key}=\"...\"'.") from exc
         node = out
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                taken = ".".join(parts[: i + 1])
+                raise ConfigError(f"Override {item!r}: {taken} is already set to {node!r} by another --set, so it "
+                                  f"has no key {parts[i + 1]!r}; give one of the two.")
         node[parts[-1]] = value
     return out
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message in one line, without the quoted source it repeats."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}" if problem else " ".join(str(exc).split())
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -146,13 +168,21 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file (JSON for a `.json` file): UTF-8, safe (no Python objects); empty is {}."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist.")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8 "
+                          f"(e.g. iconv -f latin1 -t utf-8).") from exc
+    try:
+        data = (json.loads(text) if text.strip() else {}) if path.suffix == ".json" else yaml.safe_load(text) or {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}.") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, not {type(data).__name__}.")
     return data
@@ -208,6 +238,53 @@ def _check_finite(obj: Any, prefix: str = "") -> None:
             raise ConfigError(f"{prefix}{f.name}={value} is not a finite number; give a real value.")
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a number may take, written as an interval: "[0, 1)" (a bracket includes its end), inf for
+    no end; `why` says where a limit comes from, or what the usual values are."""
+
+    interval: str
+    why: str = ""
+
+    @property
+    def ends(self) -> tuple[float, float]:
+        low, high = self.interval[1:-1].split(",")
+        return float(low), float(high)
+
+    def contains(self, value: float) -> bool:
+        (low, high), closed_low, closed_high = self.ends, self.interval[0] == "[", self.interval[-1] == "]"
+        return (low <= value if closed_low else low < value) and (value <= high if closed_high else value < high)
+
+    def describe(self) -> str:
+        low, high = self.ends
+        if high == math.inf:
+            return f"{'>=' if self.interval[0] == '[' else '>'} {self.interval[1:-1].split(',')[0]}"
+        return f"in {self.interval}"
+
+
+def check_ranges(obj: Any, ranges: dict[str, Range], prefix: str = "") -> None:
+    """Refuse the first field of `obj` outside its Range (None means unset and passes)."""
+    _check_finite(obj, prefix)
+    for key, allowed in ranges.items():
+        value = getattr(obj, key)
+        if value is not None and not allowed.contains(value):
+            why = f"; {allowed.why}" if allowed.why else ""
+            raise ConfigError(f"{prefix}{key}={value} must be {allowed.describe()}{why}.")
+
+
+SEED_MAX = 2**32 - 1  # numpy's seed range: the trainer seeds numpy, torch and random with the one seed
+WORKERS_MAX = 256  # DataLoader processes: far past any machine's cores, below a fork bomb
+
+
+@functools.cache
+def image_size_max() -> int:
+    """The largest square side within the one pixel limit (research/data/image.py MAX_PIXELS): an image the
+    decode rule would refuse to read is not one to train at. (Imported here, not at the top: PIL.)"""
+    from research.data.image import MAX_PIXELS
+
+    return math.isqrt(MAX_PIXELS)
+
+
 @dataclasses.dataclass
 class AugmentConfig:
     """Training-time augmentation, applied on batches on the training device."""
@@ -217,19 +294,29 @@ class AugmentConfig:
     rotation: float = 0.0  # degrees, +-
     color_jitter: float = 0.2  # brightness/contrast/saturation strength
     grayscale: float = 0.0  # probability
+    # style: how a drawing is drawn, not what it shows (another artist's palette, pen and paper)
+    hue: float = 0.0  # palette: hue rotated by up to +-hue x 180 degrees
+    line_weight: float = 0.0  # probability of thicker (3x3 min filter) or thinner (3x3 max filter) dark lines
+    background: float = 0.0  # probability of a random paper colour under the drawing's white background
     mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
     cutmix: float = 0.0  # Beta(alpha, alpha); 0 = off
 
     def validate(self) -> None:
-        _check_finite(self, "augment.")
-        if not 0.0 < self.crop_scale_min <= 1.0:
-            raise ConfigError(f"augment.crop_scale_min={self.crop_scale_min} must be in (0, 1].")
-        for key in ("hflip", "grayscale"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ConfigError(f"augment.{key}={getattr(self, key)} is a probability: use 0..1.")
-        for key in ("rotation", "color_jitter", "mixup", "cutmix"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"augment.{key}={getattr(self, key)} must be >= 0 (0 turns it off).")
+        check_ranges(self, AUGMENT_RANGES, "augment.")
+
+
+AUGMENT_RANGES = {
+    "crop_scale_min": Range("(0, 1]", "the smallest crop's share of the image"),
+    "hflip": Range("[0, 1]", "a probability"),
+    "rotation": Range("[0, 180]", "degrees either way; 0 turns it off"),
+    "color_jitter": Range("[0, inf)", "0 turns it off"),
+    "grayscale": Range("[0, 1]", "a probability"),
+    "hue": Range("[0, 1]", "1 rotates the hue by up to 180 degrees either way; 0 turns it off"),
+    "line_weight": Range("[0, 1]", "a probability"),
+    "background": Range("[0, 1]", "a probability"),
+    "mixup": Range("[0, inf)", "Beta(alpha, alpha); 0 turns it off"),
+    "cutmix": Range("[0, inf)", "Beta(alpha, alpha); 0 turns it off"),
+}
 
 
 @dataclasses.dataclass
@@ -277,6 +364,7 @@ class TrainConfig:
     # trunk's embeddings on disk, only the head trains (the trunk is frozen throughout)
     loader: LoaderName = "cached"
     feature_views: int = 0  # features loader: augmented views embedded per training image, besides the plain one
+    trainable_stages: int = 0  # features loader: the trunk's last k stages train too, on stored activations
     num_workers: int = 0  # DataLoader workers for the folder loader; 0 = main process
     device: Device = "auto"
     channels_last: bool | None = None  # None: on for CUDA
@@ -295,37 +383,71 @@ class TrainConfig:
     def validate(self) -> None:
         from research.schedules import parse_epoch_list  # here, not at the top: schedules imports torch
 
-        _check_finite(self)
         if self.model not in MODELS and not (self.model.startswith("timm:") and len(self.model) > 5):
             raise ConfigError(f"model={self.model!r} is not valid. Choose one of: {', '.join(MODELS)}, "
                               "or timm:<name>.")
-        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"device={self.device!r} is not valid. Choose auto, cpu, cuda, cuda:N or mps.")
+        check_device(self.device)
         if self.lr_schedule not in SCHEDULES:
             parse_epoch_list(self.lr_schedule, SCHEDULES)  # raises a ConfigError with an example
-        positive = {"lr": self.lr, "epochs": self.epochs, "batch_size": self.batch_size,
-                    "head_lr_scale": self.head_lr_scale, "layer_decay": self.layer_decay}
-        for key, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"{key}={value} must be > 0.")
-        if self.image_size is not None and self.image_size < 16:
-            raise ConfigError(f"image_size={self.image_size} is too small; use 32 or more (or null: the model's own).")
-        for key in ("weight_decay", "momentum", "label_smoothing", "warmup_epochs", "grad_clip",
-                    "early_stopping_patience", "num_workers", "freeze_epochs", "feature_views", "seed", "ema_decay"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key}={getattr(self, key)} must be >= 0.")
-        if self.layer_decay > 1.0:
-            raise ConfigError(f"layer_decay={self.layer_decay} must be in (0, 1]; 1 turns it off, 0.7 is typical.")
-        if self.ema_decay >= 1.0:
-            raise ConfigError(f"ema_decay={self.ema_decay} must be in [0, 1); 0 turns it off, 0.999 is typical.")
-        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout={self.dropout} is a probability in [0, 1); null keeps the model's own.")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 1).")
-        if not 0.0 < self.cb_beta < 1.0:
-            raise ConfigError(f"cb_beta={self.cb_beta} must be in (0, 1), e.g. 0.999.")
+        check_ranges(self, train_ranges())
         if self.loader == "features" and (self.augment.mixup > 0 or self.augment.cutmix > 0):
             raise ConfigError("loader=features trains the head on stored embeddings, where mixup/cutmix of images "
                               "cannot apply: set augment.mixup=0 and augment.cutmix=0, or use loader=cached.")
+        if self.trainable_stages and self.loader != "features":
+            raise ConfigError(f"trainable_stages={self.trainable_stages} only applies to loader=features (the stored "
+                              "activations before those stages); with loader=cached use freeze_epochs.")
         if self.feature_views and self.loader != "features":
             raise ConfigError(f"feature_views={self.feature_views} only applies to loader=features; set it to 0.")
+
+
+@functools.cache
+def train_ranges() -> dict[str, Range]:
+    """The Range of every number in TrainConfig (a test holds every int and float field to having one)."""
+    return {
+        "dropout": Range("[0, 1)", "a probability; null keeps the model's own"),
+        "image_size": Range(f"[16, {image_size_max()}]", "pixels a side; the upper end is the largest square within "
+                            "research/data/image.py's MAX_PIXELS; null: the model's own"),
+        "epochs": Range("(0, inf)"),
+        "batch_size": Range("(0, inf)"),
+        "lr": Range("(0, inf)"),
+        "momentum": Range("[0, 1)", "SGD momentum or AdamW's beta1; 0.9 is typical"),
+        "weight_decay": Range("[0, inf)"),
+        "warmup_epochs": Range("[0, inf)"),
+        "grad_clip": Range("[0, inf)", "0 turns it off"),
+        "head_lr_scale": Range("(0, inf)"),
+        "layer_decay": Range("(0, 1]", "1 turns it off, 0.7 is typical"),
+        "freeze_epochs": Range("[0, inf)"),
+        "ema_decay": Range("[0, 1)", "0 turns it off, 0.999 is typical"),
+        "step_size": Range("[1, inf)", "epochs between two lr drops of the step schedule"),
+        "step_gamma": Range("(0, 1]", "the step schedule multiplies the lr by it every step_size epochs"),
+        "label_smoothing": Range("[0, 1)"),
+        "focal_gamma": Range("[0, inf)", "0 is plain cross-entropy"),
+        "cb_beta": Range("(0, 1)", "e.g. 0.999"),
+        "ldam_max_margin": Range("(0, inf)", "e.g. 0.5"),
+        "drw_epoch": Range("[0, inf)", "null: never"),
+        "drs_epoch": Range("[0, inf)", "null: never"),
+        "feature_views": Range("[0, inf)"),
+        "trainable_stages": Range("[0, 16]", "the trunk's last stages trained on stored activations (lite0 has 7)"),
+        "num_workers": Range(f"[0, {WORKERS_MAX}]", "DataLoader processes; 0 = the main process"),
+        "seed": Range(f"[0, {SEED_MAX}]", "numpy's seed range (the trainer seeds numpy, torch and random)"),
+        "early_stopping_patience": Range("[0, inf)", "0 turns it off"),
+    }
+
+
+def check_device(device: str) -> None:
+    """A device name torch knows and this machine has (auto always: it picks cuda, mps or cpu)."""
+    kind, _, index = device.partition(":")
+    if device not in ("auto", "cpu", "cuda", "mps") and not (kind == "cuda" and index.isdigit()):
+        raise ConfigError(f"device={device!r} is not valid. Choose auto, cpu, cuda, cuda:N or mps.")
+    if kind not in ("cuda", "mps"):
+        return
+    import torch
+
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device='mps' is not available on this machine (torch.backends.mps.is_available() is "
+                          "False): use --device auto (cuda, mps or cpu, whichever it has) or --device cpu.")
+    count = torch.cuda.device_count() if kind == "cuda" else 0
+    if kind == "cuda" and count <= int(index or 0):
+        have = f"{count} CUDA device(s)" if count else "no CUDA device"
+        raise ConfigError(f"device={device!r}: this machine has {have} (torch.cuda.device_count() = {count}); use "
+                          "--device auto (cuda, mps or cpu, whichever it has) or --device cpu.")

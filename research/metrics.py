@@ -87,3 +87,67 @@ def confusion_matrix_figure(y_true, y_pred, class_names: Sequence[str], title: s
                 text = f"{fractions[i, j]:.2f}\n{counts[i, j]}"
                 ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=fontsize)
     return fig
+
+
+# ------------------------------------------------------------------------------ calibration
+
+ECE_BINS = 15  # Guo et al. (2017), "On Calibration of Modern Neural Networks"
+
+
+def calibration_bins(probs: np.ndarray, y_true, n_bins: int = ECE_BINS) -> pd.DataFrame:
+    """Per confidence bin (equal width on [0, 1]): count, mean confidence and accuracy of the top-1 prediction."""
+    conf, correct = probs.max(1), probs.argmax(1) == _array(y_true)
+    which = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        mask = which == b
+        rows.append({"low": b / n_bins, "high": (b + 1) / n_bins, "count": int(mask.sum()),
+                     "confidence": float(conf[mask].mean()) if mask.any() else np.nan,
+                     "accuracy": float(correct[mask].mean()) if mask.any() else np.nan})
+    return pd.DataFrame(rows)
+
+
+def expected_calibration_error(probs: np.ndarray, y_true, n_bins: int = ECE_BINS) -> float:
+    """ECE: the count-weighted mean |accuracy - confidence| over the confidence bins."""
+    bins = calibration_bins(probs, y_true, n_bins).dropna()
+    return float((bins["count"] * (bins["accuracy"] - bins["confidence"]).abs()).sum() / max(1, bins["count"].sum()))
+
+
+def tempered(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log(probs) / temperature): the probabilities the same logits give at another temperature."""
+    z = np.log(np.clip(probs, 1e-300, None)) / temperature
+    z -= z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def fit_temperature(probs: np.ndarray, y_true) -> float:
+    """The temperature T > 0 that minimises the negative log-likelihood of softmax(logits / T) on these
+    (validation) probabilities; argmax, and so every accuracy and F1, stays as it is."""
+    from scipy.optimize import minimize_scalar
+
+    y = _array(y_true)
+
+    def nll(log_t: float) -> float:
+        return float(-np.log(np.clip(tempered(probs, float(np.exp(log_t)))[np.arange(len(y)), y], 1e-300, None)).mean())
+
+    return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
+
+
+def reliability_figure(probs: np.ndarray, y_true, title: str, uncalibrated: np.ndarray | None = None) -> Figure:
+    """Accuracy against confidence per bin (the diagonal is perfect calibration), with the ECE; `uncalibrated`
+    (the same predictions at temperature 1) drawn beside."""
+    fig = Figure(figsize=(5.0, 5.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    series = [("calibrated", probs, "tab:blue")]
+    if uncalibrated is not None:
+        series.append(("temperature 1", uncalibrated, "tab:orange"))
+    for label, p, colour in series:
+        bins = calibration_bins(p, y_true).dropna()
+        ece = expected_calibration_error(p, y_true)
+        ax.plot(bins["confidence"], bins["accuracy"], marker="o", color=colour, label=f"{label}: ECE {ece:.3f}")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="accuracy", title=title)
+    ax.legend(loc="upper left")
+    return fig

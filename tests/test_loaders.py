@@ -4,6 +4,8 @@ deterministic epochs, per-sample augmentation, samplers honoured. 32 px images, 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -128,3 +130,44 @@ def test_rotation_matches_torchvision_rotate():
     out = aug.apply(img.unsqueeze(0), p)
     ref = aug.normalize(TF.rotate(img.float(), 20.0, interpolation=InterpolationMode.BILINEAR, fill=255.0)[None])
     assert (out - ref).abs().mean() * 0.226 < 4 / 255  # same direction, white corners
+
+
+def stroke_on_paper(size: int = 32) -> torch.Tensor:
+    """uint8 [1, 3, S, S]: a dark red vertical stroke, 2 px wide, on white paper."""
+    img = torch.full((1, 3, size, size), 255, dtype=torch.uint8)
+    img[:, 0, :, 15:17], img[:, 1:, :, 15:17] = 120, 10
+    return img
+
+
+def style_only(**style) -> BatchAugment:
+    from research.config import AugmentConfig
+
+    return BatchAugment(AugmentConfig(crop_scale_min=1.0, hflip=0.0, color_jitter=0.0, **style), 32,
+                        torch.device("cpu"), mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))
+
+
+def test_style_augmentations_change_pen_and_paper_not_the_drawing():
+    img = stroke_on_paper()
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    plain = style_only()
+    assert not {"hue", "line", "paper"} & set(plain.params(1, g()))  # off: nothing drawn, old streams unchanged
+    same = plain(img, g())
+    dark = lambda x: int((x.amin(1) < 128).sum())  # noqa: E731
+    thick, thin = style_only(line_weight=1.0), style_only(line_weight=1.0)
+    p_thick = thick.params(1, g()) | {"line": torch.tensor([1])}
+    p_thin = thin.params(1, g()) | {"line": torch.tensor([-1])}
+    assert dark(thick.apply(img, p_thick)) > dark(same) > dark(thin.apply(img, p_thin))  # 4, 2 and 0 px wide
+
+    paper = style_only(background=1.0)
+    out = paper(img, g())
+    chosen = paper.params(1, g())["paper"][0]
+    torch.testing.assert_close(out[0, :, 0, 0], chosen, atol=1e-3, rtol=0)  # the paper took the drawn colour
+    torch.testing.assert_close(out[0, :, :, 15:17], same[0, :, :, 15:17])  # the stroke did not
+
+    hue = style_only(hue=1.0)
+    p = hue.params(1, g()) | {"hue": torch.tensor([math.pi / 2])}
+    turned = hue.apply(img, p)
+    assert not torch.allclose(turned[0, :, 0, 15], same[0, :, 0, 15], atol=5)  # another colour of stroke...
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1)
+    assert float((turned[0, :, 0, 15:16] * luma).sum()) == pytest.approx(float((same[0, :, 0, 15:16] * luma).sum()),
+                                                                            abs=1.0)  # ...of the same lightness

@@ -103,6 +103,22 @@ class Normalize:
         return torch.addcmul(self.shift, x, self.scale)
 
 
+PAPER_WHITE = 235.0  # a pixel whose every channel is above this is the paper (the decode rule puts alpha on white)
+
+
+def rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rotate each image's hue by its angle (radians) in YIQ space: luma kept, the chroma plane turned."""
+    rgb2yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                           device=x.device)
+    yiq2rgb = torch.linalg.inv(rgb2yiq)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    one, zero = torch.ones_like(cos), torch.zeros_like(cos)
+    turn = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1),
+                        torch.stack([zero, sin, cos], 1)], 1)  # [n, 3, 3]
+    m = yiq2rgb @ turn @ rgb2yiq
+    return torch.einsum("nij,njhw->nihw", m, x).clamp_(0, 255)
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
     w = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x * w).sum(1, keepdim=True)
@@ -151,7 +167,22 @@ class BatchAugment:
         lo = max(0.0, 1.0 - a.color_jitter)
         jitter = torch.empty(n, 3).uniform_(lo, 1.0 + a.color_jitter, generator=g)  # brightness, contrast, saturation
         gray = torch.rand(n, generator=g) < a.grayscale
-        return {"top": top, "left": left, "h": h, "w": w, "flip": flip, "angle": angle, "jitter": jitter, "gray": gray}
+        p = {"top": top, "left": left, "h": h, "w": w, "flip": flip, "angle": angle, "jitter": jitter, "gray": gray}
+        return p | self.style_params(n, g)
+
+    def style_params(self, n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        """Drawn after the others, and only for the style augmentations that are on: a config without them
+        draws the same numbers as before they existed."""
+        a, p = self.aug, {}
+        if a.hue > 0:
+            p["hue"] = torch.empty(n).uniform_(-math.pi * a.hue, math.pi * a.hue, generator=g)
+        if a.line_weight > 0:  # -1 thinner, +1 thicker, 0 as drawn
+            r = torch.rand(n, generator=g)
+            p["line"] = torch.where(r < a.line_weight / 2, 1, torch.where(r < a.line_weight, -1, 0))
+        if a.background > 0:
+            p["paper"] = torch.where((torch.rand(n, generator=g) < a.background).view(n, 1),
+                                     torch.rand(n, 3, generator=g) * 255, torch.full((n, 3), -1.0))
+        return p
 
     def theta(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
         """Affine [n, 2, 3] from output coords to source coords (normalised, align_corners=False)."""
@@ -194,6 +225,7 @@ class BatchAugment:
             xf.add_(255.0)
         else:
             xf = F.grid_sample(xf, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        xf = self.apply_style(xf, p)
         if self.aug.color_jitter > 0:  # torchvision's adjust_* on floats: blend, then clamp to range
             b, c, sat = (p["jitter"][:, i].to(dev).view(n, 1, 1, 1) for i in range(3))
             xf.mul_(b).clamp_(0, 255)
@@ -201,10 +233,28 @@ class BatchAugment:
             mean = (xf.mean((2, 3), keepdim=True) * w).sum(1, keepdim=True)  # mean of the grayscale image
             xf = torch.lerp(mean, xf, c).clamp_(0, 255)  # c * x + (1 - c) * mean
             xf = torch.lerp(_gray(xf), xf, sat).clamp_(0, 255)
+        if "hue" in p:
+            xf = rotate_hue(xf, p["hue"].to(dev))
         if self.aug.grayscale > 0:
             mask = p["gray"].to(dev).view(n, 1, 1, 1)
             xf = torch.where(mask, _gray(xf).expand_as(xf), xf)
         return self.normalize(xf)
+
+    @staticmethod
+    def apply_style(xf: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pen and paper on float 0..255 [n, 3, S, S]: line weight (a 3x3 min filter darkens, so thickens, dark
+        strokes on light paper; a max filter thins them), then a paper colour where the image is near white."""
+        n, dev = xf.shape[0], xf.device
+        if "line" in p:
+            line = p["line"].to(dev).view(n, 1, 1, 1)
+            thick = -F.max_pool2d(-xf, 3, stride=1, padding=1)
+            thin = F.max_pool2d(xf, 3, stride=1, padding=1)
+            xf = torch.where(line > 0, thick, torch.where(line < 0, thin, xf))
+        if "paper" in p:
+            paper = p["paper"].to(dev).view(n, 3, 1, 1)
+            white = (xf.amin(1, keepdim=True) > PAPER_WHITE) & (paper[:, :1] >= 0)
+            xf = torch.where(white, paper.expand_as(xf), xf)
+        return xf
 
 
 class BatchMix:
@@ -361,6 +411,10 @@ def folder_transforms(aug: AugmentConfig | None, size: int, mean=IMAGENET_MEAN, 
     """Per-image torchvision.transforms.v2 after `cache.load_rgb`; None aug = evaluation."""
     from torchvision.transforms import v2
 
+    style = [k for k in ("hue", "line_weight", "background") if aug is not None and getattr(aug, k) > 0]
+    if style:
+        raise ConfigError(f"augment.{style[0]}={getattr(aug, style[0])} runs on batches (loader=cached or "
+                          "features); loader=folder has no such transform: set it to 0 or change the loader.")
     ops = [v2.ToImage()]
     if aug is not None:
         ops += [v2.RandomResizedCrop(size, scale=(aug.crop_scale_min, 1.0), ratio=CROP_RATIO, antialias=True),

@@ -12,20 +12,23 @@ Steps (each a function below):
 4. write into a temp dir next to the target (removing those a killed run left), run `check_leakage`,
    write manifest.csv and version.json, then rename into place: a failed build leaves nothing
    half-written. The version name is a plain name, and `outputs.check_folder` keeps the version out
-   of the clean dir and the source tree, and off another stage's output.
+   of the clean dir and the source tree, and off another stage's output. Every file goes through
+   `outputs.output_path` (the manifest's `class` and `path` are plain names before they become paths),
+   and an old version or a killed split's temp folder goes only through `outputs.remove_own`: the
+   files the marker lists, nothing else.
 
 The same clean manifest, recipe and seed give the same files, bytes and digest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -42,7 +45,8 @@ from research.data.offline_augment import OfflineAugment, png_bytes, write_augme
 from research.data.pool import pmap, workers_for
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-MANIFEST_COLUMNS = ["path", "class", "split", "group", "sha256", "source_path", "augmented_from"]
+MANIFEST_COLUMNS = ["path", "class", "split", "group", "sha256", "source_path", "augmented_from", "style"]
+VERSION_FILES = ("manifest.csv", "version.json")
 IMAGE_MODE = "RGB"  # every file in a version decodes to RGB without transparency
 COPY_AS_IS = {("PNG", "RGB"), ("JPEG", "RGB")}  # anything else is re-encoded as RGB PNG on white
 
@@ -101,6 +105,9 @@ class Recipe:
     merge_near_duplicates: bool = True  # perceptual-hash near-duplicates share a group
     phash_threshold: int = 4  # hamming distance (of 64 bits) that counts as a near-duplicate
     exclude_classes: list[str] = dataclasses.field(default_factory=list)
+    # leave-one-style-out (DomainBed's protocol): every drawing of this style is the test split; train and val
+    # come from the other styles (their share of `ratios`' test joins train)
+    holdout_style: str | None = None
     balance: Balance = dataclasses.field(default_factory=Balance)
     augment: OfflineAugment = dataclasses.field(default_factory=OfflineAugment)
 
@@ -154,6 +161,10 @@ def read_clean_dir(clean_dir: str | Path) -> tuple[pd.DataFrame, Path, dict[str,
         raise ConfigError(f"{manifest} lacks column(s) {', '.join(sorted(missing))}; rerun `python -m research clean`.")
     if df.empty:
         raise ConfigError(f"{manifest} lists no images: nothing to split.")
+    for cls in df["class"].unique():
+        outputs.plain_name(cls, f"class in {manifest}")
+    for path in df["path"]:
+        outputs.relative_path(path, f"path in {manifest}")
     if "source" not in info:
         raise ConfigError(f"{info_path} has no 'source' (the source root); rerun `python -m research clean`.")
     root = Path(info["source"])
@@ -309,6 +320,30 @@ def assign_splits(df: pd.DataFrame, ratios: list[float], seed: int) -> pd.Series
     return df["group"].map(split_of)
 
 
+def styles_of(df: pd.DataFrame) -> list[str]:
+    """The drawing styles a clean manifest holds (its `style` column; photos are not a style)."""
+    if "style" not in df.columns:
+        return []
+    return sorted(set(df["style"]) - {"", "photo"})
+
+
+def holdout_splits(df: pd.DataFrame, style: str, ratios: list[float], seed: int) -> pd.Series:
+    """Every drawing of `style` -> test; the other styles split group-aware into train and val, their
+    would-be test share joining train. Drawings of other styles that share a group with a held-out one
+    (near-duplicates, merged by perceptual hash) -> "" (left out): they would carry the test into training."""
+    styles = styles_of(df)
+    if style not in styles:
+        have = f"its styles are {', '.join(styles)}" if styles else "it has no `style` column"
+        raise ConfigError(f"holdout_style={style!r} is not a style of this clean manifest ({have}).")
+    held = df["style"] == style
+    near = ~held & df["group"].isin(set(df.loc[held, "group"]))
+    rest = df[~held & ~near]
+    split = pd.Series("test", index=df.index)
+    split[near] = ""
+    split[rest.index] = assign_splits(rest, ratios, seed).replace({"test": "train"})
+    return split
+
+
 # ---------------------------------------------------------------------------------------
 # 3. balance
 
@@ -371,6 +406,11 @@ def output_names(df: pd.DataFrame) -> pd.Series:
     return names
 
 
+def _as_png(rel: str) -> str:
+    """Where a re-encoded file goes: its suffix (if any) replaced by .png."""
+    return (rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel) + ".png"
+
+
 def _write_original(source: Path, root: Path, rel: str, expected_sha: str) -> tuple[str, str]:
     """Copy one source image to root/rel; re-encoded as RGB PNG (suffix .png) unless already RGB PNG/JPEG.
 
@@ -385,8 +425,8 @@ def _write_original(source: Path, root: Path, rel: str, expected_sha: str) -> tu
         as_is = (image.format, image.mode) in COPY_AS_IS
     if not as_is:
         data = png_bytes(open_rgb(data))
-        rel = (rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel) + ".png"
-    out = root / rel
+        rel = _as_png(rel)
+    out = outputs.output_path(root, rel)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)
     return rel, hashlib.sha256(data).hexdigest()
@@ -401,7 +441,8 @@ def version_digest(manifest: pd.DataFrame, recipe: dict[str, Any], seed: int) ->
     h = hashlib.sha256()
     for row in sorted(zip(manifest["path"], manifest["class"], manifest["split"], manifest["sha256"])):
         h.update(("\t".join(row) + "\n").encode())
-    recipe = {k: v for k, v in recipe.items() if k != "description"}
+    # holdout_style None leaves the digest as it was before the key existed: the same data, the same digest
+    recipe = {k: v for k, v in recipe.items() if k != "description" and not (k == "holdout_style" and v is None)}
     h.update(json.dumps(recipe, sort_keys=True).encode())
     h.update(f"seed={seed}".encode())
     return h.hexdigest()[:32]
@@ -504,6 +545,8 @@ def build_version(
     outputs.check_folder("split", target, [clean_dir, source_root])
     if target.exists() and not force:
         raise ConfigError(f"Version {target} exists; pick another --version name or pass --force to rebuild it.")
+    if target.exists():
+        outputs.check_removable(target, "split", "the version")  # before any work: --force replaces only split's files
 
     unknown = sorted(set(recipe.exclude_classes) - set(df["class"]))
     if unknown:
@@ -521,15 +564,19 @@ def build_version(
     if threshold is not None:
         hashes = np.stack(_map(lambda p: hash_file(p)[1], sources, workers, progress, "hashing"))
     df["group"] = merge_groups(base_groups(df, recipe.group_by), hashes, threshold)
-    df["split"] = assign_splits(df, recipe.ratios, seed)
+    if recipe.holdout_style is None:
+        df["split"] = assign_splits(df, recipe.ratios, seed)
+    else:
+        df["split"] = holdout_splits(df, recipe.holdout_style, recipe.ratios, seed)
+        df = df[df["split"] != ""].reset_index(drop=True)
     df, plan, summary = plan_balance(df, recipe.balance, seed)
 
     tmp = target.parent / f".{name}.tmp-{os.getpid()}"
     _remove_stale_temps(target)
-    outputs.mark(tmp, "split")
     try:
         manifest = _write_files(df, plan, source_root, tmp, recipe, seed, workers, progress)
         check_leakage(manifest, tmp, recipe.phash_threshold, workers)
+        outputs.mark(tmp, "split", [*manifest["path"], *VERSION_FILES])  # what it wrote, exactly
         classes = sorted(manifest["class"].unique())
         manifest.to_csv(tmp / "manifest.csv", index=False)
         rdict = recipe_dict(recipe)
@@ -550,7 +597,8 @@ def build_version(
         )
         _swap_in(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(ConfigError, OSError):  # the error that got here is the one to show
+            outputs.remove_own(tmp, "split", "this split's temporary folder")
         raise
     return target
 
@@ -561,6 +609,11 @@ def _write_files(df, plan, source_root: Path, tmp: Path, recipe: Recipe, seed: i
     sources = [source_root / p for p in df["path"]]
     jobs = [(src, f"{s}/{c}/{n}", sha)
             for src, s, c, n, sha in zip(sources, df["split"], df["class"], names, df["sha256"])]
+    pos = {idx: k for k, idx in enumerate(df.index)}
+    aug_paths = [f"train/{df.at[idx, 'class']}/{_stem(jobs[pos[idx]][1])}__aug{copy}.png" for idx, copy in plan]
+    # marked before the first file with every file it may write, so a killed split's folder can be removed
+    planned = [p for _, rel, _ in jobs for p in (rel, _as_png(rel))] + aug_paths + list(VERSION_FILES)
+    outputs.mark(tmp, "split", planned)
     written = _map(lambda j: _write_original(j[0], tmp, j[1], j[2]), jobs, workers, progress, "copying")
     out_paths, shas = [w[0] for w in written], [w[1] for w in written]
     manifest = pd.DataFrame(
@@ -572,21 +625,20 @@ def _write_files(df, plan, source_root: Path, tmp: Path, recipe: Recipe, seed: i
             "sha256": shas,
             "source_path": [s.resolve().as_posix() for s in sources],
             "augmented_from": "",
+            "style": df["style"].to_numpy() if "style" in df.columns else "",  # what --holdout-style reads
         }
     )
-    pos = {idx: k for k, idx in enumerate(df.index)}
     aug_rows = []
-    for parent_idx, copy in plan:
+    for (parent_idx, _), path in zip(plan, aug_paths):
         parent = manifest.iloc[pos[parent_idx]]
-        stem = parent["path"].rsplit("/", 1)[1].rsplit(".", 1)[0]
-        path = f"train/{parent['class']}/{stem}__aug{copy}.png"
         aug_rows.append({**parent.to_dict(), "path": path, "augmented_from": parent["path"]})
     if aug_rows:
         aug = pd.DataFrame(aug_rows)
 
         def write(row) -> str:
             out_seed = stable_int(seed, "augment", row["augmented_from"], row["path"])
-            data = write_augmented(tmp / row["augmented_from"], tmp / row["path"], recipe.augment, out_seed)
+            data = write_augmented(tmp / row["augmented_from"], outputs.output_path(tmp, row["path"]),
+                                   recipe.augment, out_seed)
             return hashlib.sha256(data).hexdigest()
 
         aug["sha256"] = _map(write, [r for _, r in aug.iterrows()], workers, progress, "augmenting")
@@ -597,15 +649,21 @@ def _write_files(df, plan, source_root: Path, tmp: Path, recipe: Recipe, seed: i
     return manifest.sort_values("path", ignore_index=True)[MANIFEST_COLUMNS]
 
 
+def _stem(rel: str) -> str:
+    """A written file's name without its suffix (the same before and after `_as_png`)."""
+    return rel.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
 def _remove_stale_temps(target: Path) -> None:
-    """The temp and old folders of this version (`_swap_in`'s names) whose split process is gone, e.g. killed."""
+    """The temp and old folders of this version (`_swap_in`'s names) whose split process is gone, e.g. killed;
+    only what their marker lists (`outputs.remove_own`), so a folder holding anything else is a refusal."""
     import psutil
 
     pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)")
     for folder in target.parent.glob(f".{target.name}.*"):
         found = pattern.fullmatch(folder.name)
         if found and (int(found[2]) == os.getpid() or not psutil.pid_exists(int(found[2]))):
-            shutil.rmtree(folder, ignore_errors=True)
+            outputs.remove_own(folder, "split", "a killed split's temporary folder")
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
@@ -616,7 +674,7 @@ def _swap_in(tmp: Path, target: Path) -> None:
         target.rename(old)
     tmp.rename(target)
     if old is not None:
-        shutil.rmtree(old)
+        outputs.remove_own(old, "split", "the previous version")
 
 
 # ---------------------------------------------------------------------------------------
@@ -634,6 +692,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--group-by", choices=["group", "emoji", "file"], help="override the recipe's group_by")
     parser.add_argument("--exclude-class", action="append", default=None, help="leave a class out (repeatable)")
+    parser.add_argument("--holdout-style", metavar="STYLE",
+                        help="leave one style out: its drawings are the test split, train/val come from the others "
+                             "(e.g. noto, openmoji, twemoji for the embedded dataset)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, e.g. balance.cap=1.5")
     parser.add_argument("--out", default="data/versions", help="where versions live (default data/versions)")
@@ -647,6 +708,8 @@ def run(args) -> int:
         overrides["group_by"] = args.group_by
     if args.exclude_class:
         overrides["exclude_classes"] = args.exclude_class
+    if args.holdout_style:
+        overrides["holdout_style"] = args.holdout_style
     name = args.recipe or (args.version if args.version in shipped_recipes() else "v1")
     recipe = load_recipe(name, overrides)
     start = time.perf_counter()

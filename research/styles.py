@@ -1,0 +1,172 @@
+"""`python -m research styles`: leave-one-style-out, DomainBed's protocol on the dataset's drawing styles.
+
+One recipe (a sweep spec's base, or a finished run's config) trains once per held-out style. Its version
+`<base>-no-<style>` (`split --holdout-style`, built from the base version's clean dir, recipe and seed when
+missing) tests on every drawing of that style; training and the choice of the epoch (val) see only the
+other styles. One MLflow parent run per call and a child run per style; the parent logs each style's
+held-out macro F1, their mean, and the base version's mixed-style test figure when the recipe came from a
+run. Validation chooses, as everywhere: the held-out style is a second test, never a choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from research import config as config_mod
+from research import tracking
+from research.config import ConfigError, TrainConfig
+from research.data.versions import Version, load_version
+
+console = Console()
+EXPERIMENT = "styles"
+
+
+def recipe_of_spec(path: str | Path) -> TrainConfig:
+    from research.sweep.spec import base_config, load_spec
+
+    return base_config(load_spec(path))
+
+
+def recipe_of_run(run_id: str) -> tuple[TrainConfig, float | None]:
+    """A finished run's resolved config, and its test macro F1 on its own (mixed-style) version."""
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise ConfigError(f"No MLflow run {run_id!r} in {tracking.tracking_uri()}: pass a run id from "
+                          "`python -m research runs`.") from exc
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=tmp)
+        data = yaml.safe_load(Path(local).read_text())
+    return config_mod.from_dict(TrainConfig, data), run.data.metrics.get("test_f1_macro")
+
+
+def holdout_version(base: Version, style: str) -> Version:
+    """`<base>-no-<style>` beside the base version: built from the base's clean dir, recipe and seed with the
+    style held out, or reused when one built that way is there."""
+    from research.data.split import Recipe, build_version
+
+    recipe = config_mod.from_dict(Recipe, {**base.info["recipe"], "holdout_style": style})
+    name, root = f"{base.name}-no-{style}", base.dir.parent
+    if (root / name / "version.json").is_file():
+        version = load_version(name, root)
+        if version.info.get("recipe") == config_mod.to_dict(recipe) and version.info.get("seed") == base.info["seed"]:
+            return version
+        raise ConfigError(f"{version.dir} exists but was not split from {base.name}'s recipe with {style} held out; "
+                          f"delete it (or rebuild it: python -m research split {base.info['source']} --version {name} "
+                          f"--recipe <{base.name}'s recipe> --holdout-style {style} --force).")
+    build_version(base.info["source"], name, recipe, base.info["seed"], out_root=root)
+    return load_version(name, root)
+
+
+def styles_of_version(base: Version) -> list[str]:
+    from research.data.split import read_clean_dir, styles_of
+
+    return styles_of(read_clean_dir(base.info["source"])[0])
+
+
+def leave_one_style_out(cfg: TrainConfig, *, styles: list[str] | None = None, mixed_test_f1: float | None = None,
+                        source: str = "", experiment: str = EXPERIMENT) -> dict[str, Any]:
+    """Train `cfg` once per held-out style as child runs of one parent run; per-style and mean results."""
+    from research.train import train
+
+    tracking.setup()
+    tracking.check_reachable()
+    base = load_version(cfg.dataset, cfg.data_root)
+    every = styles_of_version(base)
+    styles = styles or every
+    unknown = sorted(set(styles) - set(every))
+    if unknown or len(every) < 2:
+        raise ConfigError(f"--style {', '.join(unknown) or '?'}: {base.name}'s clean dir has the styles "
+                          f"{', '.join(every) or 'none (no style column)'}; leaving one out needs two or more.")
+    versions = {style: holdout_version(base, style) for style in styles}  # all built before any training
+    client = mlflow.MlflowClient()
+    parent = client.create_run(tracking.experiment_id(experiment), run_name=f"styles {cfg.model} on {base.name}",
+                               tags={**tracking.run_tags(), "styles_role": "parent", "styles_source": source})
+    parent_id = parent.info.run_id
+    client.log_batch(parent_id, params=[mlflow.entities.Param(k, str(v)) for k, v in {
+        "model": cfg.model, "dataset_version": base.name, "dataset_digest": base.digest, "styles": ",".join(styles),
+        "source": source}.items()])
+    rows = []
+    status = "FAILED"
+    try:
+        for style, version in versions.items():
+            result = train(dataclasses.replace(cfg, dataset=version.name, data_root=str(version.dir.parent),
+                                               experiment=experiment, run_name=f"held out: {style}"),
+                           parent_run_id=parent_id, tags={"holdout_style": style})
+            rows.append({"style": style, "version": version.name, "run_id": result.run_id,
+                         "val_f1_macro": result.best_val_f1, "heldout_f1_macro": result.test["test_f1_macro"],
+                         "heldout_accuracy": result.test["test_accuracy"],
+                         "heldout_images": len(version.split_frame("test"))})
+        summary = summarize(rows, mixed_test_f1)
+        client.log_batch(parent_id, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in summary["metrics"].items()])
+        status = "FINISHED"
+    finally:
+        client.set_terminated(parent_id, status)
+    return summary | {"parent_run_id": parent_id, "rows": rows}
+
+
+def summarize(rows: list[dict[str, Any]], mixed_test_f1: float | None) -> dict[str, Any]:
+    metrics = {f"heldout_{r['style']}_f1_macro": r["heldout_f1_macro"] for r in rows}
+    metrics |= {f"val_{r['style']}_heldout_f1_macro": r["val_f1_macro"] for r in rows}
+    mean = statistics.fmean(r["heldout_f1_macro"] for r in rows)
+    metrics["heldout_mean_f1_macro"] = mean
+    if mixed_test_f1 is not None:
+        metrics["mixed_test_f1_macro"] = mixed_test_f1
+    return {"mean_heldout_f1_macro": mean, "mixed_test_f1_macro": mixed_test_f1, "metrics": metrics}
+
+
+def print_table(out: dict[str, Any]) -> None:
+    table = Table(title="leave one style out (macro F1)")
+    for col in ("held-out style", "val (other styles: chose the epoch)", "held-out style (test)", "accuracy",
+                "images"):
+        table.add_column(col, justify="left" if col == "held-out style" else "right")
+    for r in out["rows"]:
+        table.add_row(r["style"], f"{r['val_f1_macro']:.3f}", f"{r['heldout_f1_macro']:.3f}",
+                      f"{r['heldout_accuracy']:.3f}", str(r["heldout_images"]))
+    table.add_row("mean", "", f"{out['mean_heldout_f1_macro']:.3f}", "", "", style="bold")
+    console.print(table)
+    mixed = out["mixed_test_f1_macro"]
+    if mixed is not None and not math.isnan(mixed):
+        console.print(f"the same recipe's test macro F1 with the styles mixed (its source run): {mixed:.3f}")
+    console.print(tracking.ui_line(tracking.run_url(out["parent_run_id"])), markup=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--spec", help="a sweep spec (sweeps/*.yaml): its base config is the recipe")
+    source.add_argument("--run", dest="run_id", metavar="RUN_ID", help="a finished run: its config is the recipe")
+    parser.add_argument("--style", action="append", default=None,
+                        help="hold out only this style (repeatable; default: every style of the dataset)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change the recipe, e.g. --set epochs=5")
+    parser.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
+
+
+def run(args) -> int:
+    tracking.setup()
+    if args.spec:
+        cfg, mixed, source = recipe_of_spec(args.spec), None, f"spec {args.spec}"
+    else:
+        cfg, mixed = recipe_of_run(args.run_id)
+        source = f"run {args.run_id}"
+    overrides = config_mod.parse_overrides(args.overrides)
+    if overrides:
+        cfg = config_mod.from_dict(TrainConfig, config_mod.merge(config_mod.to_dict(cfg), overrides))
+        mixed = None  # another recipe than the run's
+    print_table(leave_one_style_out(cfg, styles=args.style, mixed_test_f1=mixed, source=source,
+                                    experiment=args.experiment))
+    return 0

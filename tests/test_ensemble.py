@@ -1,0 +1,43 @@
+"""`promote --ensemble K`: the K best runs as one served model, measured the way it is served."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from research.cli import main
+from research.config import ConfigError
+from research.ensemble import Ensemble
+from research.predict import evaluate_served
+from research.registry import CHAMPION, promote
+from tests.conftest import EXPERIMENT
+
+
+def test_an_ensemble_of_two_runs_is_registered_and_serves_its_logged_figures(store, tmp_path):
+    p = promote(experiment=EXPERIMENT, ensemble=2, name="ens")
+    client = mlflow.MlflowClient()
+    run = client.get_run(p.run_id)
+    assert set(run.data.tags["ensemble_of"].split(",")) == {store.good, store.weak}
+    assert p.run_id not in (store.good, store.weak) and "val_f1_macro" in run.data.metrics
+
+    out = evaluate_served(f"models:/ens@{CHAMPION}", str(store.version))
+    assert out["equal"] is True and out["mismatched_images"] == [] and out["run_id"] == p.run_id
+
+    # the torch module is the average of its members' calibrated probabilities
+    module = mlflow.pytorch.load_model(f"runs:/{p.run_id}/model").eval()
+    assert isinstance(module, Ensemble) and len(module.members) == 2
+    members = {rid: mlflow.pytorch.load_model(f"runs:/{rid}/model").eval() for rid in (store.good, store.weak)}
+    temps = {rid: client.get_run(rid).data.metrics["temperature"] for rid in members}
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = np.mean([torch.softmax(m(x) / temps[rid], 1).numpy() for rid, m in members.items()], axis=0)
+        np.testing.assert_allclose(torch.softmax(module(x), 1).numpy(), expected, atol=1e-6)
+
+
+def test_an_ensemble_larger_than_the_scope_is_refused(store, capsys):
+    with pytest.raises(ConfigError, match="--ensemble 5: the scope holds 2"):
+        promote(experiment=EXPERIMENT, ensemble=5, name="ens-big")
+    assert main(["promote", "--run", store.good, "--ensemble", "2", "--name", "ens-big"]) == 2
+    assert "not --run" in capsys.readouterr().err
