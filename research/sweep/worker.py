@@ -6,6 +6,7 @@ running trials, so concurrent workers never overshoot.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -106,8 +107,17 @@ def next_trial(study: optuna.Study, spec: SweepSpec, storage_url: str | None, po
         time.sleep(poll)
 
 
+def worker_sampler_seed(spec: SweepSpec, index: int) -> SweepSpec:
+    """The spec worker `index` of `--workers N` samples with: seed + index. With the spec's one seed, N workers
+    would draw the same params (TPE's startup trials are random draws) and train each of them N times."""
+    if not index or spec.sampler.seed is None:
+        return spec
+    return dataclasses.replace(spec, sampler=dataclasses.replace(spec.sampler, seed=spec.sampler.seed + index))
+
+
 def run_worker(spec: SweepSpec, storage_url: str | None, spec_path: str | None = None) -> int:
     """Run trials until the study has n_trials finished ones (or the timeout). Returns trials run here."""
+    spec = worker_sampler_seed(spec, int(os.environ.get("RESEARCH_WORKER_INDEX", "0")))
     tracking.setup()
     tracking.check_reachable()  # before the study storage is touched: a dead server leaves nothing behind
     study, parent = start_study(spec, storage_url, spec_path)
@@ -205,25 +215,58 @@ def sweep(spec: SweepSpec, storage_url: str | None = None, workers: int = 1, spe
     return summarize(spec, storage_url, spec_path) | {"wall_seconds": wall}
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, named as CUDA_VISIBLE_DEVICES names them (indices or UUIDs)."""
+    count = torch.cuda.device_count()
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    # CUDA stops at the first invalid entry, so the first `count` listed ones are the usable ones
+    return listed[:count] if listed else [str(i) for i in range(count)]
+
+
+def worker_device_envs(gpus: list[str], workers: int, cores: int) -> list[dict[str, str]]:
+    """Per worker, the environment that places it: its own GPU round-robin over several; with one GPU all
+    share it (nothing to set); without a GPU, an equal share of the cores as torch threads."""
+    if len(gpus) > 1:
+        return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(workers)]
+    if gpus:
+        return [{} for _ in range(workers)]
+    threads = str(max(1, cores // workers))
+    return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for _ in range(workers)]
+
+
+def placement_line(gpus: list[str], workers: int) -> str | None:
+    """One line saying which GPU each worker gets and, when they share, what to pick; None without a GPU."""
+    if not gpus or workers <= 1:
+        return None
+    if len(gpus) == 1:
+        return (f"{workers} workers share the one visible GPU ({gpus[0]}): right for models that leave it idle "
+                "between steps (efficientnet_lite0/1/2, resnet18: 2-4 workers); for models that fill it "
+                "(vgg16*, resnet50/101 at 224 px) pick --workers 1.")
+    if workers <= len(gpus):
+        return f"{workers} workers, one GPU each (CUDA_VISIBLE_DEVICES {','.join(gpus[:workers])})."
+    return (f"{workers} workers on {len(gpus)} GPUs ({','.join(gpus)}), round-robin: up to "
+            f"{-(-workers // len(gpus))} share a GPU; --workers {len(gpus)} gives each its own.")
+
+
 def launch_workers(spec: SweepSpec, storage_url: str | None, workers: int, spec_path: str | None) -> None:
-    """N worker processes on one study: one GPU each when several are visible, else split the cores."""
+    """N worker processes on one study: one GPU each when several are visible (round-robin), sharing one GPU
+    when only one is, else splitting the cores."""
     tracking.setup()
     tracking.check_reachable()
     start_study(spec, storage_url, spec_path)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(config_mod.to_dict(spec), fh)
         resolved = fh.name
-    gpus = torch.cuda.device_count()
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    gpus = visible_gpus()
+    line = placement_line(gpus, workers)
+    if line:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     procs = []
-    for i in range(workers):
-        env = dict(os.environ)
+    for i, placement in enumerate(worker_device_envs(gpus, workers, os.cpu_count() or 1)):
+        env = dict(os.environ) | placement
         # the workers share this terminal: one plain line per epoch each, prefixed with the worker's name
         env["RESEARCH_PROGRESS"], env["RESEARCH_WORKER"] = "plain", f"worker {i + 1}/{workers}"
-        if gpus > 1:
-            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-        elif gpus == 0:
-            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+        env["RESEARCH_WORKER_INDEX"] = str(i)
         cmd = [sys.executable, "-m", "research", "sweep", resolved, "--worker-only",
                "--study-name", spec.study_name, "--storage", storage_url or default_storage_url()]
         procs.append(subprocess.Popen(cmd, env=env))
