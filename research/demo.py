@@ -80,9 +80,9 @@ def demo(workers: int | None = None, spec_path: Path = SPEC, predict_n: int = 12
     summary = timed("sweep", lambda: sweep(spec, spec_path=str(spec_path)))
 
     step("6/7 promote")
-    promotion = timed("promote", lambda: promote_or_keep(spec.study_name))
+    promotion, kept = timed("promote", lambda: promote_or_keep(spec.study_name))
     console.print(f"champion: {promotion.uri} = version {promotion.version} (run {promotion.run_id})"
-                  + ("  [dim](already champion)" if promotion.already_champion else ""))
+                  + ("  [dim](already champion)" if promotion.already_champion and not kept else ""), soft_wrap=True)
 
     step("7/7 predict")
     from research.data.versions import load_version
@@ -115,19 +115,26 @@ def demo(workers: int | None = None, spec_path: Path = SPEC, predict_n: int = 12
 
 
 def promote_or_keep(study: str):
-    """Promote the study's best run; when the registry's champion beats it (or was chosen on other data), keep
-    that champion, say so in one line, and go on with it: a second demo never fails for a better champion."""
+    """(the champion, whether it was kept): the study's best run promoted, or, when the gate refuses it, the
+    registry's champion kept with one line saying why (it scores better on val, or was chosen on other data or
+    another metric). A second demo never fails because a champion is there."""
     from research.registry import PromotionRefused, champion_promotion, promote
 
     try:
-        return promote(study=study)
+        return promote(study=study), False
     except PromotionRefused as refused:
         champ, cand = refused.champion, refused.candidate
         if champ is None or cand is None:
             raise
-        console.print(f"kept the registry's champion: {champ.metric} {_short(champ.score)} ({champ.where}) against "
-                      f"this study's best {cand.metric} {_short(cand.score)} ({cand.where})", soft_wrap=True)
-        return champion_promotion(champ, cand.metric)
+        ours = f"this study's best {cand.metric} {_short(cand.score)} ({cand.where})"
+        theirs = f"{champ.metric} {_short(champ.score)} ({champ.where})"
+        if refused.comparable:
+            console.print(f"kept the registry's champion: its {theirs} beats {ours}", soft_wrap=True)
+        else:
+            console.print(f"kept the registry's champion, chosen on another dataset or metric: its {theirs} and {ours} "
+                          f"are not comparable; `python -m research promote --study {study} --force` would replace it",
+                          soft_wrap=True)
+        return champion_promotion(champ, cand.metric), True
 
 
 def summary_rows(cleaned, notes, spec, summary, promotion, right, shown, version_dir, total,

@@ -64,9 +64,10 @@ class PromotionRefused(ConfigError):
     """The candidate does not beat the current champion on the selection metric (val), or the two were chosen
     on different data or metrics; pass --force to promote anyway. `champion` and `candidate`: what was compared."""
 
-    def __init__(self, message: str, champion: Champion | None = None, candidate: Candidate | None = None):
+    def __init__(self, message: str, champion: Champion | None = None, candidate: Candidate | None = None,
+                 comparable: bool = True):
         super().__init__(message)
-        self.champion, self.candidate = champion, candidate
+        self.champion, self.candidate, self.comparable = champion, candidate, comparable
 
 
 def check_selection_metric(metric: str) -> None:
@@ -508,13 +509,13 @@ def gate(champ: Champion, cand: Candidate, name: str) -> None:
         raise PromotionRefused(
             f"Not comparable: {name} {champ.where} was selected on {champ.metric or 'no recorded metric'}, this "
             f"candidate on {metric}. Promote with --metric {champ.metric or metric}, register it beside with "
-            f"--name OTHER_NAME, or {force}.", champ, cand)
+            f"--name OTHER_NAME, or {force}.", champ, cand, comparable=False)
     if champ.dataset_digest != cand.dataset_digest:
         raise PromotionRefused(
             f"Not comparable: {name} {champ.where} was selected on dataset {champ.dataset_version} (digest "
             f"{champ.dataset_digest[:12] or '?'}), run {cand.run_id} on digest {cand.dataset_digest[:12] or '?'}: "
             f"their val figures measure different images. Register it beside with --name OTHER_NAME, or {force}.",
-            champ, cand)
+            champ, cand, comparable=False)
     better = cand.score < champ.score if minimise(metric) else cand.score > champ.score
     if not better:
         raise PromotionRefused(

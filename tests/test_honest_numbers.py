@@ -215,8 +215,22 @@ def test_the_demo_keeps_a_better_champion_and_goes_on_with_it(mlflow_store, tmp_
     demo_best = log_run(tmp_path / "b", val_f1=0.55, test_f1=0.65, study="demo")
     promote(run_id=better, name="illustration-classifier")
     capsys.readouterr()
-    kept = promote_or_keep("demo")
+    kept, was_kept = promote_or_keep("demo")
     out = capsys.readouterr().out
-    assert kept.run_id == better and kept.already_champion and kept.uri.endswith("@champion")
-    assert "kept the registry's champion" in out and "0.7" in out and "0.55" in out and demo_best in out
+    assert was_kept and kept.run_id == better and kept.uri.endswith("@champion")
+    assert "kept the registry's champion: its val_f1_macro 0.7" in out and "beats" in out
+    assert "0.55" in out and demo_best in out
     assert champion_run("illustration-classifier") == better
+
+
+def test_the_demo_keeps_a_champion_chosen_on_other_data_and_says_so(mlflow_store, tmp_path, capsys):
+    from research.demo import promote_or_keep
+
+    other = log_run(tmp_path / "a", val_f1=0.40, test_f1=0.30, digest="e" * 64, study="elsewhere")
+    log_run(tmp_path / "b", val_f1=0.60, test_f1=0.60, study="demo")
+    promote(run_id=other, name="illustration-classifier")
+    capsys.readouterr()
+    kept, was_kept = promote_or_keep("demo")
+    out = capsys.readouterr().out
+    assert was_kept and kept.run_id == other
+    assert "not comparable" in out and "--force" in out and "beats" not in out

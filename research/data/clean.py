@@ -463,7 +463,7 @@ def plot_clusters(data: Data, result: Result, out: Path, per_cluster: int = 40, 
     ax.set_xlabel("photo-ness score")
     ax.set_ylabel("images (log)")
     ax.set_title(f"{result.name}: photo-ness of kept vs quarantined images")
-    ax.legend()
+    ax.legend(loc="upper right")  # "best" searches every point: slow, and it warns
     fig.tight_layout()
     fig.savefig(out / "score_hist.png", dpi=100)
     plt.close(fig)
