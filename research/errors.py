@@ -110,6 +110,6 @@ def _which_database(exc: BaseException) -> str:
         if f"{os.sep}optuna{os.sep}" in tb.tb_frame.f_code.co_filename:
             return "the study storage (--storage)"
         tb = tb.tb_next
-    from research import tracking  # here, not at the top: tracking imports this module
+    import mlflow  # the URI research.tracking.setup() set; this module imports nothing of the project
 
-    return f"the tracking store {tracking.tracking_uri()}"
+    return f"the tracking store {mlflow.get_tracking_uri()}"

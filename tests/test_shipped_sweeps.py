@@ -33,6 +33,8 @@ def sized_overrides(path: Path, version: Path, checkpoint_dir: Path) -> dict:
         "base": {**sized, "device": "cpu", "checkpoint_dir": str(checkpoint_dir)},
         "space": {key: {"type": "categorical", "choices": [sized[key]]} for key in PINNED if key in raw.space},
         "enqueue": [{**params, **{key: sized[key] for key in PINNED if key in params}} for params in raw.enqueue],
+        # hyperband's smallest rung must fit the one epoch (the spec's own pruner is checked against its epochs)
+        "pruner": {"min_resource": min(raw.pruner.min_resource, sized["epochs"])},
     }
 
 
