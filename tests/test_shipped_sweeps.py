@@ -39,7 +39,8 @@ def sized_overrides(path: Path, version: Path, checkpoint_dir: Path) -> dict:
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
-def test_shipped_spec_runs_one_trial(path, tiny_version, mlflow_store, tmp_path):
+def test_shipped_spec_runs_one_trial(path, tiny_version, mlflow_store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the stored images and features (data/cache/) land in the test's folder
     spec = load_spec(path, sized_overrides(path, tiny_version, tmp_path / "ckpt"))
     storage = f"journal:{tmp_path / 'study.journal'}"
     summary = sweep(spec, storage)
