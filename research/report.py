@@ -4,7 +4,9 @@ The sweep's summary says which trial won; this says by how much and where: the c
 with the best validation macro F1, `study.best_trial`) beside one or more baseline runs (`--baseline`,
 repeatable: a study's best trial or an MLflow run id; by default the best trial of the `seed_recipe`
 study, one fixed config), val and test macro F1 and accuracy, F1 per class, fANOVA parameter
-importances, the champion's test confusion matrix, and the trials.
+importances, the champion's test confusion matrix, the trials, and how the champion's recipe carries to a
+drawing style it never trained on (the newest `python -m research styles --run <champion>`, beside its
+mixed-style val and test; a note with that command when there is none).
 Selection uses the validation split only: the test split is evaluated once per finished trial and
 only reported, so the test numbers stay an honest estimate of the champion.
 
@@ -33,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from research import styles as styles_mod
 from research import tracking
 from research.config import ConfigError
 from research.data import outputs
@@ -293,9 +296,23 @@ def sections(rep: dict[str, Any], study) -> list[Section]:
     if rest:
         left = {s: sum(t["state"] == s for t in rest) for s in {t["state"] for t in rest}}
         trials.notes = [f"{len(rest)} more: " + ", ".join(f"{k} {v}" for k, v in sorted(left.items()))]
+    loso = rep.get("styles")
+    if loso:
+        style_rows = [[r["style"], _f(r["val_f1_macro"]), _f(r["heldout_f1_macro"])] for r in loso["rows"]]
+        style_rows += [["mean of held-out styles", "", _f(loso["mean_heldout_f1_macro"])],
+                       [f"{champ['_params'].get('dataset_version') or 'its version'}, styles mixed (the champion)",
+                        _f(champ["val_f1_macro"]), _f(champ["test_f1_macro"])]]
+        styles = Section("Leave one style out (the champion's recipe)",
+                         ["held-out style", "val macro-F1 (other styles)", "test macro-F1 (held-out style)"],
+                         style_rows, [f"MLflow parent run {loso['parent_run_id']} (python -m research styles "
+                                      f"--run {champ['run_id']}); val chose each run's epoch, the held-out style "
+                                      "only reports"])
+    else:
+        styles = Section("Leave one style out", notes=[
+            f"not measured for this champion: python -m research styles --run {champ['run_id']}"])
     pictures = [figure_section(title, name, champ["run_id"], rep["figures"]) for title, name in (
         ("Champion per-class F1 (test)", F1_PNG), ("Champion's most confident test mistakes", MISTAKES_PNG))]
-    return [head, compare, per_class, importance, confusion, *pictures, trials]
+    return [head, compare, styles, per_class, importance, confusion, *pictures, trials]
 
 
 def figure_section(title: str, name: str, run_id: str, figures: list[str]) -> Section:
@@ -446,6 +463,7 @@ def report(study_name: str, baseline: str | list[str] | None = None, storage_url
             "counts": counts, "wall_seconds": (max(ends) - min(starts)).total_seconds() if starts and ends else None,
             "parent_run_id": parent, "champion": champ, "baseline_refs": refs, "baselines": bases,
             "baseline_notes": notes,
+            "styles": styles_mod.latest_for_run(champ["run_id"], client),
             "importances": imp, "importance_note": imp_note, "png": PNG in figures, "figures": figures,
             "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
                         "test_f1_macro": t.user_attrs.get("test_f1_macro"), "run_id": t.user_attrs.get("mlflow_run_id")}

@@ -127,6 +127,26 @@ def summarize(rows: list[dict[str, Any]], mixed_test_f1: float | None) -> dict[s
     return {"mean_heldout_f1_macro": mean, "mixed_test_f1_macro": mixed_test_f1, "metrics": metrics}
 
 
+def latest_for_run(run_id: str, client=None) -> dict[str, Any] | None:
+    """The newest finished `styles --run RUN_ID` of this store: {"parent_run_id", "rows", "mean_heldout_f1_macro"},
+    or None when that run's recipe was never left one style out."""
+    client = client or mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return None
+    query = f"tags.styles_role = 'parent' and tags.styles_source = 'run {run_id}' and attributes.status = 'FINISHED'"
+    found = client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
+    if not found:
+        return None
+    parent = found[0]
+    m = parent.data.metrics
+    rows = [{"style": style, "val_f1_macro": m.get(f"val_{style}_heldout_f1_macro"),
+             "heldout_f1_macro": m.get(f"heldout_{style}_f1_macro")}
+            for style in parent.data.params.get("styles", "").split(",") if style]
+    return {"parent_run_id": parent.info.run_id, "rows": rows, "mean_heldout_f1_macro": m.get("heldout_mean_f1_macro"),
+            "dataset_version": parent.data.params.get("dataset_version")}
+
+
 def print_table(out: dict[str, Any]) -> None:
     table = Table(title="leave one style out (macro F1)")
     for col in ("held-out style", "val (other styles: chose the epoch)", "held-out style (test)", "accuracy",
@@ -166,7 +186,8 @@ def run(args) -> int:
     overrides = config_mod.parse_overrides(args.overrides)
     if overrides:
         cfg = config_mod.from_dict(TrainConfig, config_mod.merge(config_mod.to_dict(cfg), overrides))
-        mixed = None  # another recipe than the run's
+        mixed = None  # another recipe than the run's: not the run's own leave-one-style-out either
+        source += " with " + " ".join(args.overrides)
     print_table(leave_one_style_out(cfg, styles=args.style, mixed_test_f1=mixed, source=source,
                                     experiment=args.experiment))
     return 0

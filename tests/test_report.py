@@ -346,3 +346,26 @@ def test_importances_with_pruned_trials_use_the_epochs_every_trial_reached():
     lone.add_trial(study.trials[0])
     assert importances(lone) == ({}, "not computed: needs at least 2 scored trials "
                                      "(the objective of the completed trials (1))")
+
+
+def test_the_champions_leave_one_style_out_stands_beside_its_mixed_style_figures(studies, monkeypatch):
+    out = studies.root / "styles-none"
+    rep = report("tiny", storage_url=studies.storage, out_dir=out, log=False)
+    champ = rep["champion"]["run_id"]
+    assert rep["styles"] is None
+    assert f"not measured for this champion: python -m research styles --run {champ}" in (out / "report.md").read_text()
+
+    asked = []
+    found = {"parent_run_id": "p" * 32, "mean_heldout_f1_macro": 0.45, "dataset_version": "tiny",
+             "rows": [{"style": "ink", "val_f1_macro": 0.7, "heldout_f1_macro": 0.4},
+                      {"style": "mono", "val_f1_macro": 0.6, "heldout_f1_macro": 0.5}]}
+    monkeypatch.setattr(report_module.styles_mod, "latest_for_run",
+                        lambda run_id, client: asked.append(run_id) or found)
+    out = studies.root / "styles"
+    rep = report("tiny", storage_url=studies.storage, out_dir=out, log=False)
+    assert asked == [champ]
+    md = (out / "report.md").read_text()
+    assert "| ink | 0.7000 | 0.4000 |" in md and "| mono | 0.6000 | 0.5000 |" in md
+    assert "| mean of held-out styles |  | 0.4500 |" in md
+    mixed = f"| {rep['champion']['val_f1_macro']:.4f} | {rep['champion']['test_f1_macro']:.4f} |"
+    assert mixed in md.split("Leave one style out")[1].split("##")[0]  # the mixed-style figures beside them

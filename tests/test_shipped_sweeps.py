@@ -1,4 +1,5 @@
-"""Every shipped study spec (`sweeps/*.yaml`) runs for real: one trial, one epoch, 32 px, the tiny dataset.
+"""Every shipped study spec (`sweeps/*.yaml`) runs for real: its enqueued trials (or one), one epoch, 32 px, the
+tiny dataset.
 
 The spec's own base config, search space, sampler, pruner and enqueued trials are kept; only what sizes the
 run for a test changes (see `sized_overrides`). A spec added later is picked up by the glob.
@@ -29,7 +30,9 @@ def sized_overrides(path: Path, version: Path, checkpoint_dir: Path) -> dict:
     sized = {"dataset": str(version), "image_size": 32, "epochs": 1, "batch_size": 8, "warmup_epochs": 0}
     raw = load_spec(path)
     return {
-        "study_name": f"shipped-{path.stem}", "experiment": f"shipped-{path.stem}", "n_trials": 1,
+        # every enqueued trial runs (a spec may enqueue a curve), else one TPE/random trial
+        "study_name": f"shipped-{path.stem}", "experiment": f"shipped-{path.stem}",
+        "n_trials": max(1, len(raw.enqueue)),
         "base": {**sized, "device": "cpu", "checkpoint_dir": str(checkpoint_dir)},
         "space": {key: {"type": "categorical", "choices": [sized[key]]} for key in PINNED if key in raw.space},
         "enqueue": [{**params, **{key: sized[key] for key in PINNED if key in params}} for params in raw.enqueue],
@@ -47,7 +50,8 @@ def test_shipped_spec_runs_one_trial(path, tiny_version, mlflow_store, tmp_path,
 
     study = optuna.load_study(study_name=spec.study_name, storage=make_storage(storage))
     trials = study.get_trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE], summary["counts"]
-    run = mlflow.MlflowClient().get_run(trials[0].user_attrs["mlflow_run_id"])
-    assert run.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
-    assert run.info.status == "FINISHED" and "val_f1_macro" in run.data.metrics
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * spec.n_trials, summary["counts"]
+    for trial in trials:
+        run = mlflow.MlflowClient().get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
+        assert run.info.status == "FINISHED" and "val_f1_macro" in run.data.metrics

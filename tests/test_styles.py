@@ -13,7 +13,7 @@ import pytest
 from research.config import ConfigError
 from research.data.split import build_version
 from research.data.versions import load_version
-from research.styles import leave_one_style_out
+from research.styles import latest_for_run, leave_one_style_out
 from tests.conftest import draw_image, tiny_cfg
 
 STYLES = ("ink", "pastel", "mono")
@@ -63,6 +63,29 @@ def test_a_held_out_style_is_the_whole_test_split_and_nowhere_else(styled_versio
                       out_root=styled_version.parent, progress=False)
 
 
+def test_a_val_style_is_the_whole_val_split_and_training_sees_only_the_rest(styled_version):
+    base = load_version(styled_version)
+    from research.config import from_dict
+    from research.data.split import Recipe
+
+    recipe = from_dict(Recipe, {**base.info["recipe"], "holdout_style": "mono", "val_style": "pastel"})
+    v = load_version(build_version(base.info["source"], "sv-no-mono-val-pastel", recipe,
+                                   out_root=styled_version.parent, progress=False))
+    frame = v.manifest
+    assert {s: set(frame.loc[frame["split"] == s, "style"]) for s in ("train", "val", "test")} == {
+        "train": {"ink"}, "val": {"pastel"}, "test": {"mono"}}
+    assert (frame["split"] == "val").sum() == 15 and (frame["split"] == "train").sum() == 15
+    plain = load_version(build_version(base.info["source"], "sv-no-mono-2", from_dict(
+        Recipe, {**base.info["recipe"], "holdout_style": "mono"}), out_root=styled_version.parent, progress=False))
+    assert v.digest != plain.digest
+    for bad, match in (({"val_style": "pastel"}, "needs a different holdout_style"),
+                       ({"holdout_style": "mono", "val_style": "mono"}, "needs a different holdout_style"),
+                       ({"holdout_style": "mono", "val_style": "crayon"}, "val_style='crayon' is not a style")):
+        with pytest.raises(ConfigError, match=match):
+            build_version(base.info["source"], "sv-bad", from_dict(Recipe, bad), out_root=styled_version.parent,
+                          progress=False)
+
+
 def test_styles_trains_once_per_held_out_style_under_one_parent(styled_version, mlflow_store, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = tiny_cfg(styled_version, tmp_path, epochs=1)
@@ -80,5 +103,11 @@ def test_styles_trains_once_per_held_out_style_under_one_parent(styled_version, 
     mean = np.mean([parent.data.metrics[f"heldout_{s}_f1_macro"] for s in STYLES])
     assert parent.data.metrics["heldout_mean_f1_macro"] == pytest.approx(mean)
     assert parent.data.metrics["mixed_test_f1_macro"] == 0.5
-    again = leave_one_style_out(cfg, styles=["ink"])  # the versions are reused, not rebuilt
+    again = leave_one_style_out(cfg, styles=["ink"], source="run abc")  # the versions are reused, not rebuilt
     assert [r["style"] for r in again["rows"]] == ["ink"]
+    latest = latest_for_run("abc")  # what `report` shows beside a champion (run abc) and its mixed-style test
+    assert latest["parent_run_id"] == again["parent_run_id"] and latest["dataset_version"] == "sv"
+    assert latest["rows"] == [{"style": "ink", "val_f1_macro": again["rows"][0]["val_f1_macro"],
+                               "heldout_f1_macro": again["rows"][0]["heldout_f1_macro"]}]
+    assert latest["mean_heldout_f1_macro"] == again["mean_heldout_f1_macro"]
+    assert latest_for_run("other") is None

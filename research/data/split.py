@@ -108,6 +108,10 @@ class Recipe:
     # leave-one-style-out (DomainBed's protocol): every drawing of this style is the test split; train and val
     # come from the other styles (their share of `ratios`' test joins train)
     holdout_style: str | None = None
+    # leave-one-style-out *validation* (DomainBed's training-domain-out selection): with holdout_style, every
+    # drawing of this second style is the val split and training sees only the remaining styles, so a study
+    # chooses by how well a recipe carries to a style it never trained on, and the test style stays unseen
+    val_style: str | None = None
     balance: Balance = dataclasses.field(default_factory=Balance)
     augment: OfflineAugment = dataclasses.field(default_factory=OfflineAugment)
 
@@ -119,6 +123,10 @@ class Recipe:
             raise ConfigError(f"ratios={self.ratios} sum to {sum(self.ratios):g}; they must sum to 1.")
         if not 0 <= self.phash_threshold <= 32:
             raise ConfigError(f"phash_threshold={self.phash_threshold} must be in 0..32 (bits of 64); 4 is typical.")
+        if self.val_style is not None and self.holdout_style in (None, self.val_style):
+            raise ConfigError(f"val_style={self.val_style!r} needs a different holdout_style (the test style), e.g. "
+                              f"--holdout-style twemoji --val-style {self.val_style}: val and test must be two "
+                              "styles that training never sees.")
 
 
 def shipped_recipes() -> list[str]:
@@ -327,19 +335,29 @@ def styles_of(df: pd.DataFrame) -> list[str]:
     return sorted(set(df["style"]) - {"", "photo"})
 
 
-def holdout_splits(df: pd.DataFrame, style: str, ratios: list[float], seed: int) -> pd.Series:
+def holdout_splits(df: pd.DataFrame, style: str, ratios: list[float], seed: int,
+                   val_style: str | None = None) -> pd.Series:
     """Every drawing of `style` -> test; the other styles split group-aware into train and val, their
     would-be test share joining train. Drawings of other styles that share a group with a held-out one
-    (near-duplicates, merged by perceptual hash) -> "" (left out): they would carry the test into training."""
+    (near-duplicates, merged by perceptual hash) -> "" (left out): they would carry the test into training.
+    With `val_style`, every drawing of that style (but near-duplicates of the test style) -> val and the
+    remaining styles -> train, again without the near-duplicates of either held-out style."""
     styles = styles_of(df)
-    if style not in styles:
-        have = f"its styles are {', '.join(styles)}" if styles else "it has no `style` column"
-        raise ConfigError(f"holdout_style={style!r} is not a style of this clean manifest ({have}).")
+    for key, name in (("holdout_style", style), ("val_style", val_style)):
+        if name is not None and name not in styles:
+            have = f"its styles are {', '.join(styles)}" if styles else "it has no `style` column"
+            raise ConfigError(f"{key}={name!r} is not a style of this clean manifest ({have}).")
+    split = pd.Series("", index=df.index)
     held = df["style"] == style
-    near = ~held & df["group"].isin(set(df.loc[held, "group"]))
-    rest = df[~held & ~near]
-    split = pd.Series("test", index=df.index)
-    split[near] = ""
+    split[held] = "test"
+    out = held | (~held & df["group"].isin(set(df.loc[held, "group"])))
+    if val_style is not None:
+        val = ~out & (df["style"] == val_style)
+        split[val] = "val"
+        out |= val | df["group"].isin(set(df.loc[val, "group"]))
+        split[~out] = "train"
+        return split
+    rest = df[~out]
     split[rest.index] = assign_splits(rest, ratios, seed).replace({"test": "train"})
     return split
 
@@ -442,7 +460,8 @@ def version_digest(manifest: pd.DataFrame, recipe: dict[str, Any], seed: int) ->
     for row in sorted(zip(manifest["path"], manifest["class"], manifest["split"], manifest["sha256"])):
         h.update(("\t".join(row) + "\n").encode())
     # holdout_style None leaves the digest as it was before the key existed: the same data, the same digest
-    recipe = {k: v for k, v in recipe.items() if k != "description" and not (k == "holdout_style" and v is None)}
+    recipe = {k: v for k, v in recipe.items()
+              if k != "description" and not (k in ("holdout_style", "val_style") and v is None)}
     h.update(json.dumps(recipe, sort_keys=True).encode())
     h.update(f"seed={seed}".encode())
     return h.hexdigest()[:32]
@@ -567,7 +586,7 @@ def build_version(
     if recipe.holdout_style is None:
         df["split"] = assign_splits(df, recipe.ratios, seed)
     else:
-        df["split"] = holdout_splits(df, recipe.holdout_style, recipe.ratios, seed)
+        df["split"] = holdout_splits(df, recipe.holdout_style, recipe.ratios, seed, recipe.val_style)
         df = df[df["split"] != ""].reset_index(drop=True)
     df, plan, summary = plan_balance(df, recipe.balance, seed)
 
@@ -695,6 +714,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--holdout-style", metavar="STYLE",
                         help="leave one style out: its drawings are the test split, train/val come from the others "
                              "(e.g. noto, openmoji, twemoji for the embedded dataset)")
+    parser.add_argument("--val-style", metavar="STYLE",
+                        help="with --holdout-style: this style's drawings are the val split and training sees only "
+                             "the remaining styles (a study then chooses by a style it never trained on)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, e.g. balance.cap=1.5")
     parser.add_argument("--out", default="data/versions", help="where versions live (default data/versions)")
@@ -710,6 +732,8 @@ def run(args) -> int:
         overrides["exclude_classes"] = args.exclude_class
     if args.holdout_style:
         overrides["holdout_style"] = args.holdout_style
+    if args.val_style:
+        overrides["val_style"] = args.val_style
     name = args.recipe or (args.version if args.version in shipped_recipes() else "v1")
     recipe = load_recipe(name, overrides)
     start = time.perf_counter()
