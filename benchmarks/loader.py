@@ -2,7 +2,7 @@
 
 folder: ImageFolder + PIL decode/resize + per-image torchvision.transforms.v2 in a DataLoader with
 one worker per available core (the seed's pipeline). cached: batches gathered from the uint8
-memmap and augmented as a batch on the device (research/data/loaders.py). Both run the default
+memmap and augmented as a batch on the device (research/inputs/loaders.py). Both run the default
 training augmentation and end with normalised float batches on the device.
 
 The cache is built outside the timed region (its build time is reported on its own), in a
@@ -59,15 +59,15 @@ def time_stream(stream, warmup: int, epochs: int, device) -> dict:
 
 def measure(version, size: int, args, device, cache_root, console) -> dict:
     from research.config import TrainConfig
-    from research.data import cache as cache_mod
-    from research.data.loaders import build_loaders
+    from research.inputs import decoded
+    from research.inputs.loaders import build_loaders
 
     workers = args.workers if args.workers is not None else cores()
     warmup = args.warmup_batches or max(4, 2 * workers)
     base = TrainConfig(dataset=str(version.dir), image_size=size, batch_size=args.batch_size, seed=0)
 
     start = time.perf_counter()
-    built = cache_mod.ensure_cache(version, size, cache_root, progress=True)
+    built = decoded.ensure_cache(version, size, cache_root, progress=True)
     build_s = time.perf_counter() - start
 
     row = {"image_size": size, "batch_size": args.batch_size, "train_images": int(len(built.labels["train"])),

@@ -109,7 +109,7 @@ def measure(name: str, loaders, num_classes: int, args, device, amp: bool, cl: b
 
 def main(argv=None) -> int:
     from research.config import TrainConfig
-    from research.data.loaders import build_loaders
+    from research.inputs.loaders import build_loaders
 
     args = parse_args(argv)
     console = Console()

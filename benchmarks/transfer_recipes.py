@@ -24,8 +24,8 @@ import torch
 from research import config as config_mod
 from research import models
 from research.config import TrainConfig
-from research.data.loaders import build_loaders
 from research.data.versions import load_version
+from research.inputs.loaders import build_loaders
 from research.losses import build_loss
 from research.metrics import classification_metrics
 from research.schedules import build_optimizer, build_scheduler, layer_decay_scales, param_groups

@@ -24,8 +24,8 @@ from torch import nn
 
 from research import runlog, tracking
 from research.config import ConfigError
-from research.data.cache import split_items
 from research.data.versions import Version, load_version
+from research.inputs.decoded import split_items
 from research.serving import Classifier, model_meta, read_meta, served_probabilities
 
 PREPROCESSING = ("image_size", "mean", "std", "interpolation", "classes", "dataset_digest")

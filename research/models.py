@@ -217,7 +217,7 @@ def stage_split(model: nn.Module, trainable_stages: int = 0) -> tuple[nn.Module,
     0: (trunk, head). k > 0, on a timm EfficientNet-style trunk: the prefix is the stem and all stages but the
     last k; the suffix is those k stages, the conv head, its norm, the pool and the head. prefix then suffix
     computes exactly what the model computes, so the prefix's output can be stored once and the suffix trained
-    on it (research/features.py).
+    on it (research/inputs/features.py).
     """
     if trainable_stages == 0:
         return trunk_and_head(model)

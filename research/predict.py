@@ -168,8 +168,8 @@ def evaluate_served(uri: str, dataset: str, split: str = "test", data_root: str 
     predictions_test.csv image by image. `equal` is True only when every figure and every label agree."""
     import mlflow
 
-    from research.data.cache import split_items
     from research.data.versions import load_version
+    from research.inputs.decoded import split_items
     from research.metrics import classification_metrics
     from research.runlog import PREDICTIONS_FILE
 

@@ -27,13 +27,13 @@ import torch
 from optuna import TrialPruned
 from rich.console import Console
 
-from research import checkpoints, models, runlog, tracking
+from research import checkpoints, inputs, models, runlog, tracking
 from research import config as config_mod
 from research.config import ConfigError, TrainConfig
-from research.data.cache import split_items
-from research.data.loaders import Loaders, build_loaders
 from research.data.versions import Version, load_version, mlflow_dataset
 from research.errors import UserFixable
+from research.inputs.decoded import split_items
+from research.inputs.loaders import Loaders
 from research.losses import build_loss
 from research.metrics import classification_metrics, fit_temperature
 from research.progress import EpochDisplay
@@ -171,16 +171,12 @@ def build_parts(cfg: TrainConfig) -> Parts:
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    step_module = model
     if cfg.loader == "features":
-        from research.features import build_feature_loaders
-
         models.set_trunk_frozen(model, True)
         step_module = models.stage_split(model, cfg.trainable_stages)[1]  # the head, and the last k stages
         step_module.requires_grad_(True)
-        data = build_feature_loaders(version, model, prep, cfg, device)
-    else:
-        data = build_loaders(version, cfg, device, prep=prep)
-        step_module = model
+    data = inputs.build(version, model, prep, cfg, device)
     counts = np.bincount(data.train_labels, minlength=len(data.classes)).tolist()
     optimizer = build_optimizer(cfg.optimizer, optimizer_groups(cfg, model, step_module), cfg.lr, cfg.momentum)
     scheduler = build_scheduler(cfg.lr_schedule, optimizer, epochs=cfg.epochs, steps_per_epoch=len(data.train),

@@ -42,8 +42,8 @@ def test_ece_of_a_perfectly_calibrated_and_of_an_always_sure_classifier():
 
 
 def test_a_run_serves_probabilities_at_its_val_temperature(tiny_version, mlflow_store, tmp_path, monkeypatch):
-    from research.data.cache import split_items
     from research.data.versions import load_version
+    from research.inputs.decoded import split_items
     from research.serving import classifier_from_torch_dir
 
     monkeypatch.chdir(tmp_path)

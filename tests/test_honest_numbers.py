@@ -121,7 +121,7 @@ def test_cached_weights_whose_digest_does_not_match_their_name_are_refused(tmp_p
 
 
 def test_stored_embeddings_are_keyed_by_the_embedding_code(tiny_version, monkeypatch):
-    import research.features as features
+    import research.inputs.features as features
     from research.data.versions import load_version
     from research.models import Preprocessing
 

@@ -1,4 +1,6 @@
-"""The package's shape: no module imports one that imports it back (directly or through others)."""
+"""The package's shape: no module imports one that imports it back (directly or through others), and the
+dataset stages (research/data) and the training input path (research/inputs) stay apart: a stage never
+imports the input path, the input path never imports a stage, a CLI or the trainer."""
 
 from __future__ import annotations
 
@@ -71,3 +73,67 @@ def test_low_level_modules_do_not_import_the_config(module):
     """Schedules and models take plain values (as timm's factories do); only errors is shared."""
     graph = import_graph()
     assert "research.config" not in graph[module]
+
+
+# research/data: the dataset stages, and what they share with the rest of the package (the decode rule, the
+# parallel map, the output guard, reading a version). Anything that feeds the trainer (the decoded-image
+# store, the loaders, stored trunk activations) lives in research/inputs instead.
+DATA_STAGES = {"research.data.cli", "research.data.emoji", "research.data.make_classmap", "research.data.scan",
+               "research.data.photo_features", "research.data.clean", "research.data.split",
+               "research.data.offline_augment"}
+DATA_SHARED = {"research.data", "research.data.image", "research.data.pool", "research.data.outputs",
+               "research.data.versions"}
+# what the input path must never reach, directly or through others: a stage, a command-line entry, the trainer
+INPUTS_MUST_NOT_REACH = DATA_STAGES | {"research.__main__", "research.cli", "research.train"}
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph.get(todo.pop(), ()):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def in_package(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every break of the data/inputs rule, one line each; [] when the rule holds."""
+    found = []
+    for m in sorted(graph):
+        if in_package(m, "research.data") and m not in DATA_STAGES | DATA_SHARED:
+            found.append(f"{m}: research/data holds only the dataset stages and what they share "
+                         "(DATA_STAGES, DATA_SHARED); training input belongs in research/inputs")
+        if in_package(m, "research.data"):
+            found += [f"{m} -> {d}: a dataset stage must not import the training input path"
+                      for d in sorted(reachable(graph, m)) if in_package(d, "research.inputs")]
+        if in_package(m, "research.inputs"):
+            found += [f"{m} -> {d}: the training input path must not import a stage, a CLI or the trainer"
+                      for d in sorted(reachable(graph, m))
+                      if d in INPUTS_MUST_NOT_REACH or d.endswith(".cli") or in_package(d, "research.sweep")]
+    return found
+
+
+def test_dataset_stages_and_training_inputs_stay_apart():
+    graph = import_graph()
+    assert {"research.inputs", "research.inputs.decoded", "research.inputs.loaders",
+            "research.inputs.features"} <= set(graph), "the input path is where this test expects it"
+    assert layering_violations(graph) == []
+
+
+def test_the_layering_check_finds_a_loader_in_data():
+    ok = {"research.data.split": {"research.data.image"}, "research.inputs.loaders": {"research.data.image"}}
+    assert layering_violations(ok) == []
+    loader_back_in_data = {**ok, "research.data.batches": {"research.data.image"}}
+    assert [v.split(":")[0] for v in layering_violations(loader_back_in_data)] == ["research.data.batches"]
+    stage_uses_inputs = {**ok, "research.data.split": {"research.inputs.loaders"}}
+    assert layering_violations(stage_uses_inputs) == [
+        "research.data.split -> research.inputs.loaders: a dataset stage must not import the training input path"]
+    inputs_use_train = {**ok, "research.inputs.loaders": {"research.models"}, "research.models": {"research.train"}}
+    assert layering_violations(inputs_use_train) == [
+        "research.inputs.loaders -> research.train: the training input path must not import a stage, a CLI or "
+        "the trainer"]

@@ -1,4 +1,4 @@
-"""The loaders (research.data.loaders): the cached path gives the same pixels as the folder path,
+"""The loaders (research.inputs.loaders): the cached path gives the same pixels as the folder path,
 deterministic epochs, per-sample augmentation, samplers honoured. 32 px images, a few dozen files
 (the `version` fixture, tests/conftest.py)."""
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from research.config import AugmentConfig, TrainConfig
-from research.data import cache as cache_mod
-from research.data.loaders import BatchAugment, build_loaders, num_batches
+from research.inputs import decoded
+from research.inputs.loaders import BatchAugment, build_loaders, num_batches
 from tests.conftest import draw_image
 
 SIZE = 32
@@ -72,7 +72,7 @@ def test_weighted_sampler_is_honoured(version, tmp_path):
         seen = torch.cat([y for e in range(6) for _, y in loaders.train.epoch(e)])
         return np.bincount(seen.numpy(), minlength=3) / len(seen)
 
-    natural = np.bincount(cache_mod.split_items(version, "train")[1], minlength=3) / 39
+    natural = np.bincount(decoded.split_items(version, "train")[1], minlength=3) / 39
     shuffle, weighted = class_share("shuffle"), class_share("weighted")
     assert np.abs(shuffle - natural).max() < 0.03  # every image once per epoch (minus a dropped single)
     assert np.abs(weighted - 1 / 3).max() < 0.1  # 24:6:9 drawn about evenly

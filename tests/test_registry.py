@@ -35,9 +35,9 @@ def b64(path: Path) -> str:
 
 
 def split_images(version: Path) -> tuple[list[Path], list[str]]:
-    """The version's test split in the loaders' order (cache.split_items) and the true classes."""
-    from research.data.cache import split_items
+    """The version's test split in the loaders' order (decoded.split_items) and the true classes."""
     from research.data.versions import load_version
+    from research.inputs.decoded import split_items
 
     v = load_version(version)
     paths, labels = split_items(v, "test")
@@ -50,8 +50,8 @@ def training_probabilities(store: Store, run_id: str) -> np.ndarray:
 
     The loaders get the preprocessing the run trained with (its model_meta.json): the architecture's own.
     """
-    from research.data.loaders import build_loaders
     from research.data.versions import load_version
+    from research.inputs.loaders import build_loaders
     from research.models import Preprocessing
 
     meta = json.loads(Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model_meta.json")).read_text())

@@ -264,8 +264,8 @@ def test_the_champions_figures_are_shown_or_a_note_says_its_run_predates_them(st
     notes, and the earlier champion's figures are gone from the folder."""
     from optuna.trial import create_trial
 
-    from research.data.cache import split_items
     from research.data.versions import load_version
+    from research.inputs.decoded import split_items
     from research.runlog import write_split_reports
 
     storage = f"journal:{studies.root / 'figures.journal'}"

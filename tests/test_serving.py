@@ -108,9 +108,9 @@ def test_model_is_served_with_its_own_mean_std_and_interpolation(mlflow_store, t
 
     def preprocess(interpolation, mean, std):
         """What training feeds the model for this file: the folder loader's PIL decode and torchvision transforms
-        (research.data.loaders), not the functions serving itself calls."""
-        from research.data.cache import load_rgb
-        from research.data.loaders import folder_transforms
+        (research.inputs.loaders), not the functions serving itself calls."""
+        from research.inputs.decoded import load_rgb
+        from research.inputs.loaders import folder_transforms
 
         return folder_transforms(None, size, mean, std)(load_rgb(path, size, interpolation))[None]
 
@@ -125,7 +125,7 @@ def test_model_is_served_with_its_own_mean_std_and_interpolation(mlflow_store, t
     assert via_torch.classifier.interpolation == "bilinear" and via_torch.classifier.mean == HALF
     seen, out = input_of(via_torch.classifier.module, via_torch.predict, frame)
     # the same pixels bit for bit; normalised alike up to float rounding (torchvision's Normalize vs ours: 1 ulp)
-    from research.data.cache import load_rgb
+    from research.inputs.decoded import load_rgb
 
     assert np.array_equal(via_torch.classifier.pixels(path.read_bytes()), np.asarray(load_rgb(path, size, "bilinear")))
     torch.testing.assert_close(seen, expected, rtol=0, atol=3e-7)

@@ -127,8 +127,8 @@ def test_features_loader_trains_the_head_on_stored_embeddings(tiny_version, mlfl
 
     import torch
 
-    from research.data.cache import split_items
     from research.data.versions import load_version
+    from research.inputs.decoded import split_items
     from research.serving import classifier_from_torch_dir
 
     monkeypatch.chdir(tmp_path)  # data/cache/ under the test's folder

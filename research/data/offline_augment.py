@@ -2,7 +2,7 @@
 
 The split stage calls this to fill classes below the balance floor, and only on training images
 (augmenting before splitting is the seed's leakage bug). Training-time augmentation is a different
-thing: `research.data.loaders.BatchAugment`, on batches on the device. Every output is a pure function
+thing: `research.inputs.loaders.BatchAugment`, on batches on the device. Every output is a pure function
 of (parent image, settings, seed): the same seed gives the same pixels and, with the fixed PNG settings
 below, the same bytes.
 """

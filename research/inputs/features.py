@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from research.config import TrainConfig
-from research.data import cache as cache_mod
 from research.data.image import SPLITS
-from research.data.loaders import BatchAugment, Loaders, Normalize, epoch_generator, epoch_plan, num_batches
 from research.data.pool import progress_bar
+from research.inputs import decoded
+from research.inputs.loaders import BatchAugment, Loaders, Normalize, epoch_generator, epoch_plan, num_batches
 from research.models import Preprocessing, stage_split
 
 EMBED_BATCH = 64
@@ -91,9 +91,9 @@ def ensure_features(version, model: torch.nn.Module, prep: Preprocessing, cfg: T
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = (Path(cache_root) / "features" /
             f"{version.name}-{cfg.model.replace(':', '_')}-s{cfg.trainable_stages}-{digest}")
-    images = cache_mod.ensure_cache(version, prep.image_size, cache_root, interpolation=prep.interpolation)
+    images = decoded.ensure_cache(version, prep.image_size, cache_root, interpolation=prep.interpolation)
     built = False
-    with cache_mod.build_lock(path):  # one builder across sweep workers
+    with decoded.build_lock(path):  # one builder across sweep workers
         if not (path / "key.json").is_file():
             _build(path, key, images, trunk, device, prep, cfg)
             built = True

@@ -1,12 +1,12 @@
 """Training and evaluation batches for the trainer: the cached path (default) and the folder path.
 
 `build_loaders(version, cfg, device)` returns `Loaders`; both paths give the same interface,
-the same index order (`cache.split_items`), the same decode rule (`cache.load_rgb`, with the
+the same index order (`decoded.split_items`), the same decode rule (`decoded.load_rgb`, with the
 model's interpolation), the same normalisation (the model's mean/std) and the
 same epoch index sequence (`samplers.epoch_indices` with a generator seeded from
 (cfg.seed, epoch) alone, so a resumed run sees the batches an uninterrupted one would).
 
-cached: uint8 rows gathered from the memmap of `cache.ensure_cache`, pinned and copied to the
+cached: uint8 rows gathered from the memmap of `decoded.ensure_cache`, pinned and copied to the
 device (non_blocking), augmented there as one batch with per-sample random parameters
 (`BatchAugment`: one affine grid_sample does crop + flip + rotation, colour jitter and
 grayscale are per-sample tensor ops), normalised, all in a background thread that prefetches
@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from research.config import AugmentConfig, ConfigError, TrainConfig
-from research.data import cache as cache_mod
 from research.data.image import IMAGENET_MEAN, IMAGENET_STD, SPLITS
+from research.inputs import decoded
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect ratio range
@@ -393,7 +393,7 @@ class CachedEvalBatches:
 
 
 def build_cached(version, cfg: TrainConfig, device: torch.device, cache_root, prep, progress: bool = True) -> Loaders:
-    cache = cache_mod.ensure_cache(version, prep.image_size, cache_root, progress=progress,
+    cache = decoded.ensure_cache(version, prep.image_size, cache_root, progress=progress,
                                    interpolation=prep.interpolation)
     cl = resolve_channels_last(cfg, device)
     split = {s: CachedBatches(cache.arrays[s], cache.labels[s], device, cl) for s in SPLITS}
@@ -408,7 +408,7 @@ def build_cached(version, cfg: TrainConfig, device: torch.device, cache_root, pr
 # ---------------------------------------------------------------------------------- folder path
 
 def folder_transforms(aug: AugmentConfig | None, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Per-image torchvision.transforms.v2 after `cache.load_rgb`; None aug = evaluation."""
+    """Per-image torchvision.transforms.v2 after `decoded.load_rgb`; None aug = evaluation."""
     from torchvision.transforms import v2
 
     style = [k for k in ("hue", "line_weight", "background") if aug is not None and getattr(aug, k) > 0]
@@ -433,7 +433,7 @@ def folder_transforms(aug: AugmentConfig | None, size: int, mean=IMAGENET_MEAN, 
 def folder_dataset(version, split: str, size: int, transform, interpolation: str = "bicubic"):
     """ImageFolder over `<version dir>/<split>` with version.classes as the class order.
 
-    Samples are put in `cache.split_items` order and checked against the manifest, so index i
+    Samples are put in `decoded.split_items` order and checked against the manifest, so index i
     is the same image as row i of the cache.
     """
     from torchvision.datasets import ImageFolder
@@ -445,13 +445,13 @@ def folder_dataset(version, split: str, size: int, transform, interpolation: str
             return classes, {c: i for i, c in enumerate(classes)}
 
     root = Path(version.dir) / split
-    paths, labels = cache_mod.split_items(version, split)
+    paths, labels = decoded.split_items(version, split)
     if not root.is_dir():
         if paths:
             raise ConfigError(f"{root} is missing but the manifest lists {len(paths)} {split} images; "
                               "rebuild the version with `python -m research split ...`.")
         root.mkdir(parents=True, exist_ok=True)  # never happens for a built version; keeps ImageFolder quiet
-    ds = VersionFolder(str(root), loader=partial(cache_mod.load_rgb, size=size, interpolation=interpolation),
+    ds = VersionFolder(str(root), loader=partial(decoded.load_rgb, size=size, interpolation=interpolation),
                        transform=transform, allow_empty=True)
     order = {str(p): i for i, p in enumerate(paths)}
     missing = [p for p, _ in ds.samples if p not in order]
@@ -588,4 +588,4 @@ def build_loaders(version, cfg: TrainConfig, device: torch.device, cache_root="d
     if cfg.loader == "folder":
         return build_folder(version, cfg, device, prep)
     raise ConfigError(f"loader={cfg.loader!r}: build_loaders makes image batches (cached or folder); "
-                      "loader=features is research.features.build_feature_loaders.")
+                      "loader=features is research.inputs.features.build_feature_loaders.")

@@ -48,7 +48,7 @@ decode = image.decode  # research/registry.py
 
 
 def load_rgb(path: str | Path, size: int, interpolation: str = "bicubic") -> Image.Image:
-    """The ImageFolder path's loader (research/data/loaders.py): the cache's pixels as a PIL image."""
+    """The ImageFolder path's loader (research/inputs/loaders.py): the cache's pixels as a PIL image."""
     return image.resize_square(image.open_rgb(path), size, interpolation)
 
 
