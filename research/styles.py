@@ -114,7 +114,7 @@ def leave_one_style_out(cfg: TrainConfig, *, styles: list[str] | None = None, mi
         status = "FINISHED"
     finally:
         client.set_terminated(parent_id, status)
-    return summary | {"parent_run_id": parent_id, "rows": rows}
+    return summary | {"parent_run_id": parent_id, "rows": rows, "source": source}
 
 
 def summarize(rows: list[dict[str, Any]], mixed_test_f1: float | None) -> dict[str, Any]:
@@ -125,6 +125,47 @@ def summarize(rows: list[dict[str, Any]], mixed_test_f1: float | None) -> dict[s
     if mixed_test_f1 is not None:
         metrics["mixed_test_f1_macro"] = mixed_test_f1
     return {"mean_heldout_f1_macro": mean, "mixed_test_f1_macro": mixed_test_f1, "metrics": metrics}
+
+
+def ensemble_by_style(outs: list[dict[str, Any]], *, mixed_test_f1: float | None = None,
+                      experiment: str = EXPERIMENT) -> dict[str, Any]:
+    """Per held-out style, the runs that several recipes trained without it (`leave_one_style_out` results, one
+    per recipe) as one ensemble (research.ensemble: their calibrated probabilities averaged, measured as served
+    on the held-out style), under a parent run of its own. Each ensemble is chosen by nothing: its members
+    are the recipes given, and val (other styles) is reported beside the held-out figure as for one recipe."""
+    from research.ensemble import build_ensemble
+    from research.registry import Candidate
+
+    client = mlflow.MlflowClient()
+    styles = [r["style"] for r in outs[0]["rows"]]
+    if any([r["style"] for r in o["rows"]] != styles for o in outs[1:]):
+        raise ConfigError("an ensemble by style needs every recipe left out on the same styles")
+    sources = [o["source"] for o in outs]
+    parent = client.create_run(tracking.experiment_id(experiment), run_name=f"styles ensemble of {len(outs)}",
+                               tags={**tracking.run_tags(), "styles_role": "parent",
+                                     "styles_source": "ensemble of " + "; ".join(sources)})
+    parent_id = parent.info.run_id
+    client.log_batch(parent_id, params=[mlflow.entities.Param("styles", ",".join(styles)),
+                                        mlflow.entities.Param("members", "; ".join(sources))])
+    rows, status = [], "FAILED"
+    try:
+        for i, style in enumerate(styles):
+            members = [Candidate(client.get_run(o["rows"][i]["run_id"]), o["rows"][i]["val_f1_macro"], "val_f1_macro")
+                       for o in outs]
+            run_id = build_ensemble(members, None)
+            client.set_tag(run_id, "mlflow.parentRunId", parent_id)
+            client.set_tag(run_id, "holdout_style", style)
+            m = client.get_run(run_id).data.metrics
+            first = outs[0]["rows"][i]
+            rows.append({"style": style, "version": first["version"], "run_id": run_id,
+                         "val_f1_macro": m["val_f1_macro"], "heldout_f1_macro": m["test_f1_macro"],
+                         "heldout_accuracy": m["test_accuracy"], "heldout_images": first["heldout_images"]})
+        summary = summarize(rows, mixed_test_f1)
+        client.log_batch(parent_id, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in summary["metrics"].items()])
+        status = "FINISHED"
+    finally:
+        client.set_terminated(parent_id, status)
+    return summary | {"parent_run_id": parent_id, "rows": rows, "source": "ensemble of " + "; ".join(sources)}
 
 
 def latest_for_run(run_id: str, client=None) -> dict[str, Any] | None:
@@ -148,7 +189,7 @@ def latest_for_run(run_id: str, client=None) -> dict[str, Any] | None:
 
 
 def print_table(out: dict[str, Any]) -> None:
-    table = Table(title="leave one style out (macro F1)")
+    table = Table(title=f"leave one style out (macro F1): {out['source'] or 'the recipe'}")
     for col in ("held-out style", "val (other styles: chose the epoch)", "held-out style (test)", "accuracy",
                 "images"):
         table.add_column(col, justify="left" if col == "held-out style" else "right")
@@ -168,7 +209,11 @@ def print_table(out: dict[str, Any]) -> None:
 def add_arguments(parser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--spec", help="a sweep spec (sweeps/*.yaml): its base config is the recipe")
-    source.add_argument("--run", dest="run_id", metavar="RUN_ID", help="a finished run: its config is the recipe")
+    source.add_argument("--run", dest="run_ids", metavar="RUN_ID", action="append",
+                        help="a finished run: its config is the recipe (repeatable: one leave-one-style-out each)")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="with several --run: also average, per held-out style, the runs trained without it "
+                             "(one model, as promote --ensemble builds) and report it as one more recipe")
     parser.add_argument("--style", action="append", default=None,
                         help="hold out only this style (repeatable; default: every style of the dataset)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -178,16 +223,22 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     tracking.setup()
+    if args.ensemble and len(args.run_ids or []) < 2:
+        raise ConfigError("--ensemble averages several recipes: pass two or more --run RUN_ID.")
     if args.spec:
-        cfg, mixed, source = recipe_of_spec(args.spec), None, f"spec {args.spec}"
+        recipes = [(recipe_of_spec(args.spec), None, f"spec {args.spec}")]
     else:
-        cfg, mixed = recipe_of_run(args.run_id)
-        source = f"run {args.run_id}"
+        recipes = [(*recipe_of_run(run_id), f"run {run_id}") for run_id in args.run_ids]  # all read before training
     overrides = config_mod.parse_overrides(args.overrides)
-    if overrides:
-        cfg = config_mod.from_dict(TrainConfig, config_mod.merge(config_mod.to_dict(cfg), overrides))
-        mixed = None  # another recipe than the run's: not the run's own leave-one-style-out either
-        source += " with " + " ".join(args.overrides)
-    print_table(leave_one_style_out(cfg, styles=args.style, mixed_test_f1=mixed, source=source,
-                                    experiment=args.experiment))
+    outs = []
+    for cfg, mixed, source in recipes:
+        if overrides:
+            cfg = config_mod.from_dict(TrainConfig, config_mod.merge(config_mod.to_dict(cfg), overrides))
+            mixed = None  # another recipe than the run's: not the run's own leave-one-style-out either
+            source += " with " + " ".join(args.overrides)
+        outs.append(leave_one_style_out(cfg, styles=args.style, mixed_test_f1=mixed, source=source,
+                                        experiment=args.experiment))
+        print_table(outs[-1])
+    if args.ensemble:
+        print_table(ensemble_by_style(outs, experiment=args.experiment))
     return 0

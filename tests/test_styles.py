@@ -13,7 +13,7 @@ import pytest
 from research.config import ConfigError
 from research.data.split import build_version
 from research.data.versions import load_version
-from research.styles import latest_for_run, leave_one_style_out
+from research.styles import ensemble_by_style, latest_for_run, leave_one_style_out
 from tests.conftest import draw_image, tiny_cfg
 
 STYLES = ("ink", "pastel", "mono")
@@ -111,3 +111,34 @@ def test_styles_trains_once_per_held_out_style_under_one_parent(styled_version, 
                                "heldout_f1_macro": again["rows"][0]["heldout_f1_macro"]}]
     assert latest["mean_heldout_f1_macro"] == again["mean_heldout_f1_macro"]
     assert latest_for_run("other") is None
+
+
+def test_an_ensemble_by_style_averages_the_runs_each_recipe_trained_without_that_style(styled_version, mlflow_store,
+                                                                                       tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfgs = [tiny_cfg(styled_version, tmp_path, epochs=1), tiny_cfg(styled_version, tmp_path, epochs=1, seed=1)]
+    outs = [leave_one_style_out(cfg, styles=["ink", "mono"], source=f"recipe {i}") for i, cfg in enumerate(cfgs)]
+    ens = ensemble_by_style(outs)
+    client = mlflow.MlflowClient()
+    parent = client.get_run(ens["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["styles_source"] == "ensemble of recipe 0; recipe 1"
+    assert [r["style"] for r in ens["rows"]] == ["ink", "mono"]
+    for i, row in enumerate(ens["rows"]):
+        run = client.get_run(row["run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["holdout_style"] == row["style"]
+        # its members: each recipe's run without that style, tested on that style's drawings as the ensemble is
+        assert run.data.tags["ensemble_of"] == ",".join(o["rows"][i]["run_id"] for o in outs)
+        assert run.data.params["dataset_version"] == f"sv-no-{row['style']}"
+        assert parent.data.metrics[f"heldout_{row['style']}_f1_macro"] == run.data.metrics["test_f1_macro"]
+    assert parent.data.metrics["heldout_mean_f1_macro"] == pytest.approx(np.mean([r["heldout_f1_macro"]
+                                                                                 for r in ens["rows"]]))
+    with pytest.raises(ConfigError, match="same styles"):
+        ensemble_by_style([outs[0], leave_one_style_out(cfgs[0], styles=["ink"])])
+
+
+def test_the_cli_refuses_an_ensemble_of_one_recipe_before_training(mlflow_store, capsys):
+    from research.cli import main
+
+    assert main(["styles", "--spec", "sweeps/demo.yaml", "--ensemble"]) == 2
+    assert "pass two or more --run RUN_ID" in capsys.readouterr().err
