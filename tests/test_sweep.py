@@ -110,3 +110,20 @@ def test_cli_runs_a_spec(tiny_version, mlflow_store, tmp_path):
     assert "python -m research promote --study cli\n" in out.stdout
 
 
+
+
+@pytest.mark.parametrize("where", ["base", "space", "enqueue"])
+def test_a_missing_dataset_version_stops_the_sweep_before_any_study_or_run(where, tiny_version, mlflow_store, tmp_path):
+    missing = str(tmp_path / "versions" / "v9")
+    changes = {"base": {"dataset": missing}} if where == "base" else {
+        "space": {"dataset": {"type": "categorical", "choices": [str(tiny_version), missing]}}}
+    if where == "enqueue":
+        changes = {"space": {"dataset": {"type": "categorical", "choices": [str(tiny_version), missing]}},
+                   "enqueue": [{"dataset": missing, "lr": 0.01, "sampler": "shuffle"}]}
+    storage = f"journal:{tmp_path / 'study.journal'}"
+    runs_before = len(mlflow.search_runs(search_all_experiments=True))
+    with pytest.raises(ConfigError, match="'.*v9' not found"):
+        sweep(tiny_spec(tiny_version, tmp_path, **changes), storage)
+    # nothing was started: no study (whose enqueued trial would have failed first), no MLflow run
+    assert not (tmp_path / "study.journal").exists() or not optuna.get_all_study_names(make_storage(storage))
+    assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before

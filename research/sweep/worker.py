@@ -120,6 +120,7 @@ def run_worker(spec: SweepSpec, storage_url: str | None, spec_path: str | None =
     spec = worker_sampler_seed(spec, int(os.environ.get("RESEARCH_WORKER_INDEX", "0")))
     tracking.setup()
     tracking.check_reachable()  # before the study storage is touched: a dead server leaves nothing behind
+    check_datasets(spec)  # likewise: a missing version would fail every trial, the enqueued ones first
     study, parent = start_study(spec, storage_url, spec_path)
     finished = count_finished(study)
     if finished:
@@ -149,6 +150,18 @@ def run_worker(spec: SweepSpec, storage_url: str | None, spec_path: str | None =
         done_here += 1
         failed_in_a_row = failed_in_a_row + 1 if state == TrialState.FAIL else 0
     return done_here
+
+
+def check_datasets(spec: SweepSpec) -> None:
+    """Every dataset version a trial may train on (the base's, the searched and the enqueued ones) exists."""
+    from research.data.versions import load_version
+
+    base = base_config(spec)
+    searched = spec.space.get("dataset")
+    names = {*(searched.choices or [] if searched else [base.dataset]),
+             *(params["dataset"] for params in spec.enqueue if "dataset" in params)}
+    for name in sorted(names):
+        load_version(name, base.data_root)
 
 
 def frozen_trial(study: optuna.Study, number: int) -> FrozenTrial:
