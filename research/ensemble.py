@@ -6,6 +6,8 @@ averages their calibrated probabilities: `Ensemble` is a plain torch module (so 
 gives one that does the same) and the run's pyfunc is research.serving's, like any trained run. The run
 measures itself the way it will be served (research.serving on the image files, as research/train.py does
 for a trained run): val figures, test figures and predictions_test.csv, so served equals measured here too.
+The average of calibrated members gets its own temperature, fitted on val, with ECE before and after and
+reliability_test.png, as a trained run has.
 
 Cost: the ensemble's model holds its own copy of the K members' weights (K x one member's weight file);
 the members keep theirs under the study's keep rule.
@@ -26,6 +28,7 @@ from research import runlog, tracking
 from research.config import ConfigError
 from research.data.versions import Version, load_version
 from research.inputs.decoded import split_items
+from research.metrics import fit_temperature
 from research.serving import Classifier, model_meta, read_meta, served_probabilities
 
 PREPROCESSING = ("image_size", "mean", "std", "interpolation", "classes", "dataset_digest")
@@ -86,15 +89,22 @@ def build_ensemble(candidates: list, study: str | None) -> str:
         first = metas[0]
         version = member_version(members[0][2], first["dataset_digest"])
         model = Ensemble([m for m, _, _ in members], [float(meta.get("temperature", 1.0)) for meta in metas])
-        meta = model_meta(classes=first["classes"], image_size=first["image_size"], mean=first["mean"],
-                          std=first["std"], interpolation=first["interpolation"], model=f"ensemble of {len(members)}",
-                          dataset_version=version.name, dataset_digest=version.digest, channels_last=False,
-                          temperature=1.0, members=run_ids)
-        classifier = Classifier(model, meta, device="cpu")
-        results = {}
-        for split in ("val", "test"):
+
+        def measured(split: str, temperature: float) -> tuple[dict[str, Any], list[Path], dict[str, Any]]:
+            meta = model_meta(classes=first["classes"], image_size=first["image_size"], mean=first["mean"],
+                              std=first["std"], interpolation=first["interpolation"],
+                              model=f"ensemble of {len(members)}", dataset_version=version.name,
+                              dataset_digest=version.digest, channels_last=False, temperature=temperature,
+                              members=run_ids)
             paths, labels = split_items(version, split)
-            results[split] = (scores(served_probabilities(classifier, paths), labels, len(meta["classes"])), paths)
+            probs = served_probabilities(Classifier(model, meta, device="cpu"), paths)
+            return scores(probs, labels, len(meta["classes"])), paths, meta
+
+        # the average of calibrated members is itself recalibrated on val (averaging makes it less confident);
+        # as for a trained run, val is measured at temperature 1 and test as served, at the fitted temperature
+        val, val_paths, _ = measured("val", 1.0)
+        test, test_paths, meta = measured("test", fit_temperature(val["probs"], val["y_true"]))
+        results = {"val": (val, val_paths), "test": (test, test_paths)}
         return log_ensemble_run(model, meta, results, candidates, study, version, tmp / "out")
 
 
@@ -119,9 +129,10 @@ def log_ensemble_run(model: Ensemble, meta: dict[str, Any], results: dict, candi
         runlog.write_split_reports(test, classes, "test", version.name, out, paths=test_paths, prob=test["prob"])
         runlog.write_predictions(test, classes, [p.relative_to(version.dir) for p in test_paths],
                                  out / runlog.PREDICTIONS_FILE)
+        calibration = runlog.write_calibration(val, test, meta["temperature"], version.name, out)
         (out / "model_meta.json").write_text(json.dumps(meta, indent=2))
         for f in sorted(out.iterdir()):
             mlflow.log_artifact(str(f))
-        mlflow.log_metrics(runlog.test_metrics(test, classes))
+        mlflow.log_metrics(runlog.test_metrics(test, classes) | calibration)
         runlog.log_model(model, out / "model_meta.json", classes)
     return run.info.run_id

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pytest
@@ -24,6 +27,14 @@ def test_an_ensemble_of_two_runs_is_registered_and_serves_its_logged_figures(sto
 
     out = evaluate_served(f"models:/ens@{CHAMPION}", str(store.version))
     assert out["equal"] is True and out["mismatched_images"] == [] and out["run_id"] == p.run_id
+
+    # recalibrated as a whole on val: the served temperature is the logged one, with ECE before/after and the diagram
+    meta = json.loads(Path(mlflow.artifacts.download_artifacts(f"runs:/{p.run_id}/model_meta.json",
+                                                                dst_path=str(tmp_path))).read_text())
+    metrics = run.data.metrics
+    assert meta["temperature"] == metrics["temperature"] != 1.0
+    assert {"val_ece", "val_ece_uncalibrated", "test_ece", "test_ece_uncalibrated"} <= set(metrics)
+    assert "reliability_test.png" in {f.path for f in client.list_artifacts(p.run_id)}
 
     # the torch module is the average of its members' calibrated probabilities
     module = mlflow.pytorch.load_model(f"runs:/{p.run_id}/model").eval()
