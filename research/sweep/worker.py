@@ -153,14 +153,13 @@ def run_worker(spec: SweepSpec, storage_url: str | None, spec_path: str | None =
 
 
 def check_datasets(spec: SweepSpec) -> None:
-    """Every dataset version a trial may train on (the base's, the searched and the enqueued ones) exists."""
+    """Every dataset version a trial may train on exists: the base's, or the searched ones (an enqueued trial's
+    must be one of those: the spec refuses values outside the space)."""
     from research.data.versions import load_version
 
     base = base_config(spec)
     searched = spec.space.get("dataset")
-    names = {*(searched.choices or [] if searched else [base.dataset]),
-             *(params["dataset"] for params in spec.enqueue if "dataset" in params)}
-    for name in sorted(names):
+    for name in sorted(searched.choices or [] if searched else [base.dataset]):
         load_version(name, base.data_root)
 
 
