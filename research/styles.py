@@ -10,9 +10,11 @@ run. Validation chooses, as everywhere: the held-out style is a second test, nev
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,16 +93,10 @@ def leave_one_style_out(cfg: TrainConfig, *, styles: list[str] | None = None, mi
         raise ConfigError(f"--style {', '.join(unknown) or '?'}: {base.name}'s clean dir has the styles "
                           f"{', '.join(every) or 'none (no style column)'}; leaving one out needs two or more.")
     versions = {style: holdout_version(base, style) for style in styles}  # all built before any training
-    client = mlflow.MlflowClient()
-    parent = client.create_run(tracking.experiment_id(experiment), run_name=f"styles {cfg.model} on {base.name}",
-                               tags={**tracking.run_tags(), "styles_role": "parent", "styles_source": source})
-    parent_id = parent.info.run_id
-    client.log_batch(parent_id, params=[mlflow.entities.Param(k, str(v)) for k, v in {
-        "model": cfg.model, "dataset_version": base.name, "dataset_digest": base.digest, "styles": ",".join(styles),
-        "source": source}.items()])
-    rows = []
-    status = "FAILED"
-    try:
+    params = {"model": cfg.model, "dataset_version": base.name, "dataset_digest": base.digest,
+              "styles": ",".join(styles), "source": source}
+    with parent_run(f"styles {cfg.model} on {base.name}", source, params, experiment) as parent_id:
+        rows = []
         for style, version in versions.items():
             result = train(dataclasses.replace(cfg, dataset=version.name, data_root=str(version.dir.parent),
                                                experiment=experiment, run_name=f"held out: {style}"),
@@ -109,11 +105,34 @@ def leave_one_style_out(cfg: TrainConfig, *, styles: list[str] | None = None, mi
                          "val_f1_macro": result.best_val_f1, "heldout_f1_macro": result.test["test_f1_macro"],
                          "heldout_accuracy": result.test["test_accuracy"],
                          "heldout_images": len(version.split_frame("test"))})
-        summary = summarize(rows, mixed_test_f1)
-        client.log_batch(parent_id, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in summary["metrics"].items()])
+        return log_summary(parent_id, rows, mixed_test_f1, source)
+
+
+@contextlib.contextmanager
+def parent_run(name: str, source: str, params: dict[str, Any], experiment: str) -> Iterator[str]:
+    """One leave-one-style-out parent run: tagged so `latest_for_run` finds it, ended FINISHED only when the body
+    returns (FAILED on an error, KILLED on Ctrl-C), so a half-done call never reads as a result."""
+    client = mlflow.MlflowClient()
+    parent = client.create_run(tracking.experiment_id(experiment), run_name=name,
+                               tags={**tracking.run_tags(), "styles_role": "parent", "styles_source": source})
+    parent_id = parent.info.run_id
+    client.log_batch(parent_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+    status = "FAILED"
+    try:
+        yield parent_id
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         client.set_terminated(parent_id, status)
+
+
+def log_summary(parent_id: str, rows: list[dict[str, Any]], mixed_test_f1: float | None,
+                source: str) -> dict[str, Any]:
+    summary = summarize(rows, mixed_test_f1)
+    mlflow.MlflowClient().log_batch(parent_id, metrics=[mlflow.entities.Metric(k, v, 0, 0)
+                                                        for k, v in summary["metrics"].items()])
     return summary | {"parent_run_id": parent_id, "rows": rows, "source": source}
 
 
@@ -139,15 +158,10 @@ def ensemble_by_style(outs: list[dict[str, Any]], *, experiment: str = EXPERIMEN
     styles = [r["style"] for r in outs[0]["rows"]]
     if any([r["style"] for r in o["rows"]] != styles for o in outs[1:]):
         raise ConfigError("an ensemble by style needs every recipe left out on the same styles")
-    sources = [o["source"] for o in outs]
-    parent = client.create_run(tracking.experiment_id(experiment), run_name=f"styles ensemble of {len(outs)}",
-                               tags={**tracking.run_tags(), "styles_role": "parent",
-                                     "styles_source": "ensemble of " + "; ".join(sources)})
-    parent_id = parent.info.run_id
-    client.log_batch(parent_id, params=[mlflow.entities.Param("styles", ",".join(styles)),
-                                        mlflow.entities.Param("members", "; ".join(sources))])
-    rows, status = [], "FAILED"
-    try:
+    source = "ensemble of " + "; ".join(o["source"] for o in outs)
+    params = {"styles": ",".join(styles), "members": "; ".join(o["source"] for o in outs)}
+    with parent_run(f"styles ensemble of {len(outs)}", source, params, experiment) as parent_id:
+        rows = []
         for i, style in enumerate(styles):
             members = [Candidate(client.get_run(o["rows"][i]["run_id"]), o["rows"][i]["val_f1_macro"], "val_f1_macro")
                        for o in outs]
@@ -159,12 +173,7 @@ def ensemble_by_style(outs: list[dict[str, Any]], *, experiment: str = EXPERIMEN
             rows.append({"style": style, "version": first["version"], "run_id": run_id,
                          "val_f1_macro": m["val_f1_macro"], "heldout_f1_macro": m["test_f1_macro"],
                          "heldout_accuracy": m["test_accuracy"], "heldout_images": first["heldout_images"]})
-        summary = summarize(rows, None)  # no mixed-style run of this average was measured
-        client.log_batch(parent_id, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in summary["metrics"].items()])
-        status = "FINISHED"
-    finally:
-        client.set_terminated(parent_id, status)
-    return summary | {"parent_run_id": parent_id, "rows": rows, "source": "ensemble of " + "; ".join(sources)}
+        return log_summary(parent_id, rows, None, source)  # no mixed-style run of this average was measured
 
 
 def latest_for_run(run_id: str, client=None) -> dict[str, Any] | None:

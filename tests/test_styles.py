@@ -13,7 +13,7 @@ import pytest
 from research.config import ConfigError
 from research.data.split import build_version
 from research.data.versions import load_version
-from research.styles import ensemble_by_style, latest_for_run, leave_one_style_out
+from research.styles import ensemble_by_style, latest_for_run, leave_one_style_out, parent_run
 from tests.conftest import draw_image, tiny_cfg
 
 STYLES = ("ink", "pastel", "mono")
@@ -135,6 +135,18 @@ def test_an_ensemble_by_style_averages_the_runs_each_recipe_trained_without_that
                                                                                  for r in ens["rows"]]))
     with pytest.raises(ConfigError, match="same styles"):
         ensemble_by_style([outs[0], leave_one_style_out(cfgs[0], styles=["ink"])])
+
+
+def test_a_call_that_stops_half_way_never_reads_as_a_result(mlflow_store):
+    client = mlflow.MlflowClient()
+    for exc, status in ((RuntimeError("a child failed"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
+        with pytest.raises(type(exc)), parent_run("styles", "run abc", {"styles": "ink"}, "styles") as parent_id:
+            raise exc
+        assert client.get_run(parent_id).info.status == status
+    assert latest_for_run("abc") is None  # report shows no half-done call beside a champion
+    with parent_run("styles", "run abc", {"styles": ""}, "styles") as parent_id:
+        pass
+    assert latest_for_run("abc")["parent_run_id"] == parent_id
 
 
 def test_the_cli_refuses_an_ensemble_of_one_recipe_before_training(mlflow_store, capsys):
