@@ -316,16 +316,37 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with AVX-512-BF16 or AMX
+    (oneDNN's own check). Elsewhere autocast emulates bf16, and a CPU step gets slower, not faster
+    (benchmarks/amp_cpu.py: a step 7-9x slower on an AVX2-only EPYC)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a build without oneDNN
+            return False
+    return False
+
+
 def resolved(cfg: TrainConfig, device: torch.device, model: torch.nn.Module) -> TrainConfig:
-    """Fill what the device and model decide: CUDA flags, the image size, the head, a frozen trunk."""
+    """Fill what the device and model decide: CUDA flags, bf16 where it is native, the image size, the head, a
+    frozen trunk."""
     on_cuda = device.type == "cuda"
     pick = lambda value: on_cuda if value is None else value  # noqa: E731
+    if cfg.amp and not native_bf16(device):
+        console.print(f"[yellow]amp=true on a {device.type} without native bf16[/] "
+                      f"({torch.backends.cpu.get_cpu_capability() if device.type == 'cpu' else device}): autocast "
+                      "emulates it, several times slower than float32 (benchmarks/amp_cpu.py); leave amp unset "
+                      "(on where bf16 is native) or set amp=false.")
     head = cfg.head if cfg.head != "auto" else ("v2" if cfg.model.endswith("_v2") else "linear")
     features = cfg.loader == "features"
     # on stored features the trunk is frozen throughout, but for the last trainable_stages (trained from epoch 1)
     freeze = (0 if cfg.trainable_stages else cfg.epochs) if features else min(cfg.freeze_epochs, cfg.epochs)
     # on stored features only the head trains, uncompiled: the param says what happened
-    return dataclasses.replace(cfg, channels_last=pick(cfg.channels_last), amp=pick(cfg.amp),
+    amp = native_bf16(device) if cfg.amp is None else cfg.amp
+    return dataclasses.replace(cfg, channels_last=pick(cfg.channels_last), amp=amp,
                                compile=pick(cfg.compile) and not features,
                                image_size=models.preprocessing(model, cfg.image_size).image_size, head=head,
                                freeze_epochs=freeze)

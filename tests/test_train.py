@@ -199,3 +199,26 @@ def test_ema_weights_are_the_ones_evaluated_and_logged(tiny_version, mlflow_stor
     assert ema.keys() == raw.keys() and not torch.equal(ema["weight"], raw["weight"])  # same seed, other weights
     logged = mlflow.pytorch.load_model(f"runs:/{run_id}/model").head.state_dict()
     assert all(torch.equal(logged[k], ema[k]) for k in ema)
+
+
+def test_amp_left_unset_follows_the_hardware_and_an_explicit_one_on_emulated_bf16_warns(monkeypatch, capsys):
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from research import models
+    from research import train as train_mod
+
+    cpu = torch.device("cpu")
+    if sys.platform == "linux" and Path("/proc/cpuinfo").is_file():  # oneDNN's check agrees with the CPU's flags
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+        assert train_mod.native_bf16(cpu) == bool(flags & {"avx512_bf16", "amx_bf16"})
+    model = models.build_model("resnet18", 3)
+    for native in (False, True):
+        monkeypatch.setattr(train_mod, "native_bf16", lambda device, native=native: native)
+        assert train_mod.resolved(TrainConfig(model="resnet18"), cpu, model).amp is native
+        assert train_mod.resolved(TrainConfig(model="resnet18", amp=False), cpu, model).amp is False
+        capsys.readouterr()
+        assert train_mod.resolved(TrainConfig(model="resnet18", amp=True), cpu, model).amp is True  # the user's call
+        assert ("without native bf16" in capsys.readouterr().out) is not native  # ... said to be slow where it is
