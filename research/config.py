@@ -368,7 +368,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers for the folder loader; 0 = main process
     device: Device = "auto"
     channels_last: bool | None = None  # None: on for CUDA
-    amp: bool | None = None  # bf16 autocast; None: on where bf16 is native (CUDA, AVX-512-BF16/AMX CPUs)
+    amp: bool | None = None  # bf16 autocast; None: on where bf16 kernels are native (CUDA, AVX-512+ CPUs)
     compile: bool | None = None  # torch.compile; None: on for CUDA
     seed: int = 0
     early_stopping_patience: int = 0  # epochs without a better val macro F1; 0 = off

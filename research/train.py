@@ -317,8 +317,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with AVX-512-BF16 or AMX
-    (oneDNN's own check). Elsewhere autocast emulates bf16, and a CPU step gets slower, not faster
+    """Whether bf16 autocast runs on fast kernels on `device`: a CUDA GPU that supports bf16, or a CPU for which
+    oneDNN has bf16 kernels (its own check, the one torch uses: AVX-512 or newer; AVX-512-BF16 and AMX in
+    hardware). Elsewhere autocast falls back to slow kernels, and a CPU step gets slower, not faster
     (benchmarks/amp_cpu.py: a step 7-9x slower on an AVX2-only EPYC)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -335,7 +336,8 @@ def resolved(cfg: TrainConfig, device: torch.device, model: torch.nn.Module) -> 
     frozen trunk."""
     on_cuda = device.type == "cuda"
     pick = lambda value: on_cuda if value is None else value  # noqa: E731
-    if cfg.amp and not native_bf16(device):
+    native = native_bf16(device)
+    if cfg.amp and not native:
         console.print(f"[yellow]amp=true on a {device.type} without native bf16[/] "
                       f"({torch.backends.cpu.get_cpu_capability() if device.type == 'cpu' else device}): autocast "
                       "emulates it, several times slower than float32 (benchmarks/amp_cpu.py); leave amp unset "
@@ -345,8 +347,7 @@ def resolved(cfg: TrainConfig, device: torch.device, model: torch.nn.Module) -> 
     # on stored features the trunk is frozen throughout, but for the last trainable_stages (trained from epoch 1)
     freeze = (0 if cfg.trainable_stages else cfg.epochs) if features else min(cfg.freeze_epochs, cfg.epochs)
     # on stored features only the head trains, uncompiled: the param says what happened
-    amp = native_bf16(device) if cfg.amp is None else cfg.amp
-    return dataclasses.replace(cfg, channels_last=pick(cfg.channels_last), amp=amp,
+    return dataclasses.replace(cfg, channels_last=pick(cfg.channels_last), amp=native if cfg.amp is None else cfg.amp,
                                compile=pick(cfg.compile) and not features,
                                image_size=models.preprocessing(model, cfg.image_size).image_size, head=head,
                                freeze_epochs=freeze)
