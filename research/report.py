@@ -172,6 +172,34 @@ def resolve_baselines(refs: list[str], champ: dict[str, Any], storage, client,
     return found, notes
 
 
+def check_asked_baselines(baseline: str | list[str] | None, notes: list[str], out: Path) -> None:
+    """A baseline asked for by name (--baseline) that is missing stops the report before it writes anything, so
+    a typo never replaces the last good report (nor the study's logged one). Without --baseline, a missing
+    default baseline stays a note: nothing was asked for."""
+    if baseline and notes:
+        kept = f"; the report in {out} is left as it was" if (out / "report.json").is_file() else ""
+        raise ConfigError("; ".join(notes) + kept + ".")
+def teacher_facts(client, champ: dict[str, Any], dst: Path) -> tuple[dict[str, Any] | None, str]:
+    """The run of the model a distilled champion was distilled from, as a column beside it, and a note saying
+    what it is; (None, "") for a champion without a teacher."""
+    from mlflow.exceptions import MlflowException
+
+    params = champ["_params"]
+    run_id = params.get("teacher.run_id")
+    if not run_id:
+        return None, ""
+    pinned = params.get("teacher", "?")
+    try:
+        facts = run_facts(client, run_id, dst)
+    except MlflowException:
+        return None, f"the champion was distilled from {pinned} (run {run_id}), which is not in this store"
+    label = f"teacher {pinned}" + (f" ({params['teacher.model']})" if params.get("teacher.model") else "")
+    note = (f"teacher: the champion was distilled from {pinned} (given as {params.get('teacher.uri', pinned)}, run "
+            f"{run_id}) with distill_weight {params.get('distill_weight')}, distill_temperature "
+            f"{params.get('distill_temperature')}; its val figures chose it, as the champion's chose the champion")
+    return facts | {"source": f"teacher run {run_id[:8]}", "name": "teacher", "label": label}, note
+
+
 def importances(study) -> tuple[dict[str, float], str]:
     """fANOVA importances, and what they were computed over (or, with no values, why not).
 
@@ -228,7 +256,8 @@ def _p(v: Any) -> str:
 
 
 def sections(rep: dict[str, Any], study) -> list[Section]:
-    champ, bases = rep["champion"], rep["baselines"]
+    champ = rep["champion"]
+    bases = ([rep["teacher"]] if rep.get("teacher") else []) + rep["baselines"]  # a distilled champion's teacher first
     runs = [champ, *bases]
     counts = ", ".join(f"{k} {v}" for k, v in rep["counts"].items() if v)
     head = Section(f"Study {rep['study']}", notes=[
@@ -248,7 +277,7 @@ def sections(rep: dict[str, Any], study) -> list[Section]:
         rows.append([key + (" *" if key in searched else ""), *[_p(r["_params"].get(key)) for r in runs]])
     compare = Section("Champion vs baseline" + ("s" if len(bases) > 1 else ""), ["", *cols], rows, [
         "val numbers are those of the best epoch (the checkpoint kept); * = searched by the study"]
-        + rep["baseline_notes"])
+        + rep["baseline_notes"] + ([rep["teacher_note"]] if rep.get("teacher_note") else []))
 
     names = sorted(set().union(*(r["per_class"] for r in runs)))
     header = ["class", "test support", "champion val F1", "champion test F1"]
@@ -298,12 +327,13 @@ def sections(rep: dict[str, Any], study) -> list[Section]:
         trials.notes = [f"{len(rest)} more: " + ", ".join(f"{k} {v}" for k, v in sorted(left.items()))]
     loso = rep.get("styles")
     if loso:
-        style_rows = [[r["style"], _f(r["val_f1_macro"]), _f(r["heldout_f1_macro"])] for r in loso["rows"]]
-        style_rows += [["mean of held-out styles", "", _f(loso["mean_heldout_f1_macro"])],
+        style_rows = [[r["style"] + (f" ({r['members']})" if r.get("members", r["style"]) != r["style"] else ""),
+                       _f(r["val_f1_macro"]), _f(r["heldout_f1_macro"])] for r in loso["rows"]]
+        style_rows += [["mean of held-out families", "", _f(loso["mean_heldout_f1_macro"])],
                        [f"{champ['_params'].get('dataset_version') or 'its version'}, styles mixed (the champion)",
                         _f(champ["val_f1_macro"]), _f(champ["test_f1_macro"])]]
-        styles = Section("Leave one style out (the champion's recipe)",
-                         ["held-out style", "val macro-F1 (other styles)", "test macro-F1 (held-out style)"],
+        styles = Section("Leave one style family out (the champion's recipe)",
+                         ["held-out style family", "val macro-F1 (other families)", "test macro-F1 (held-out family)"],
                          style_rows, [f"MLflow parent run {loso['parent_run_id']} (python -m research styles "
                                       f"--run {champ['run_id']}); val chose each run's epoch, the held-out style "
                                       "only reports"])
@@ -414,12 +444,14 @@ def _metric_key(name: str) -> str:
     return re.sub(r"[^\w.\-]", "_", name)
 
 
+@outputs.holding
 def report(study_name: str, baseline: str | list[str] | None = None, storage_url: str | None = None,
            out_dir: str | Path | None = None, log: bool = True) -> dict[str, Any]:
     """Write report.md/.html/.json (+ the champion's figures) and log them to the parent run.
 
     `baseline`: one study name or MLflow run id, or a list of them (one column each, in order); none
-    means `seed_recipe`. A missing baseline becomes a note in the report, not an error.
+    means `seed_recipe`. A missing baseline asked for by name is an error before anything is written; the
+    default one, when missing, is a note in the report.
     """
     import mlflow
     import optuna
@@ -430,6 +462,7 @@ def report(study_name: str, baseline: str | list[str] | None = None, storage_url
     out = report_folder(study_name, out_dir)  # before anything is read or written
     tracking.setup()
     tracking.check_reachable()
+    outputs.claim(out, "report")  # one report into `out` at a time
     refs = baseline_refs(baseline, study_name)
     url = storage_url or default_storage_url()
     storage = make_storage(url)
@@ -456,13 +489,15 @@ def report(study_name: str, baseline: str | list[str] | None = None, storage_url
             bases, notes = [], [f"no baseline: the default baseline {DEFAULT_BASELINE} is this study; pass --baseline"]
         else:
             bases, notes = resolve_baselines(refs, champ, storage, client, Path(tmp))
+            check_asked_baselines(baseline, notes, out)
+        teacher, teacher_note = teacher_facts(client, champ, Path(tmp))
         figures = write_figures(out, champ["_files"])
         imp, imp_note = importances(study)
         rep: dict[str, Any] = {
             "study": study_name, "storage": url, "direction": study.direction.name.lower(), "selection": SELECTION,
             "counts": counts, "wall_seconds": (max(ends) - min(starts)).total_seconds() if starts and ends else None,
             "parent_run_id": parent, "champion": champ, "baseline_refs": refs, "baselines": bases,
-            "baseline_notes": notes,
+            "baseline_notes": notes, "teacher": teacher, "teacher_note": teacher_note,
             "styles": styles_mod.latest_for_run(champ["run_id"], client),
             "importances": imp, "importance_note": imp_note, "png": PNG in figures, "figures": figures,
             "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
@@ -475,7 +510,7 @@ def report(study_name: str, baseline: str | list[str] | None = None, storage_url
     outputs.output_path(out, "report.md").write_text(to_markdown(title, secs))
     outputs.output_path(out, "report.html").write_text(to_html(title, secs))
     # `baseline` and `baseline_note` as before this took several, for readers of older reports: the first of each
-    rep |= {"champion": _public(champ), "baselines": [_public(b) for b in bases],
+    rep |= {"champion": _public(champ), "baselines": [_public(b) for b in bases], "teacher": _public(teacher),
             "baseline": _public(bases[0]) if bases else None, "baseline_note": "; ".join(notes),
             "logged_to": parent if log and parent else None,
             "files": [str(out / n) for n in (*PAGES, *figures)]}
@@ -485,6 +520,8 @@ def report(study_name: str, baseline: str | list[str] | None = None, storage_url
             client.log_artifact(parent, path, artifact_path="report")
         metrics = {"report_champion_test_f1_macro": champ["test_f1_macro"],
                    "report_champion_val_f1_macro": champ["val_f1_macro"]}
+        if teacher:
+            metrics |= {f"report_teacher_{k}": teacher[k] for k in ("test_f1_macro", "val_f1_macro")}
         if bases:  # the unnamed keys stay the first baseline's, as when there was only one
             metrics |= {"report_baseline_test_f1_macro": bases[0]["test_f1_macro"],
                         "report_baseline_val_f1_macro": bases[0]["val_f1_macro"]}
@@ -517,9 +554,6 @@ def run(args) -> int:
     rep = report(args.study, args.baseline, args.storage, args.out, log=not args.no_log)
     names = ", ".join(Path(f).name for f in rep["files"])
     console.print(f"report written to [bold]{Path(rep['files'][0]).parent}/[/] ({names})")
-    missing = [r for r in rep["baseline_refs"] if r not in {b["ref"] for b in rep["baselines"]}]
-    if missing and args.baseline:  # asked for by name: a typo must not pass as a quiet note
-        console.print(f"[yellow]baseline not found: {', '.join(missing)}[/] (the report's notes say why)")
     if rep["logged_to"]:
         console.print(f"logged to MLflow run {rep['logged_to']} (artifacts report/, store {tracking.tracking_uri()})")
     else:

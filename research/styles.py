@@ -1,11 +1,13 @@
 """`python -m research styles`: leave-one-style-out, DomainBed's protocol on the dataset's drawing styles.
 
-One recipe (a sweep spec's base, or a finished run's config) trains once per held-out style. Its version
-`<base>-no-<style>` (`split --holdout-style`, built from the base version's clean dir, recipe and seed when
-missing) tests on every drawing of that style; training and the choice of the epoch (val) see only the
-other styles. One MLflow parent run per call and a child run per style; the parent logs each style's
-held-out macro F1, their mean, and the base version's mixed-style test figure when the recipe came from a
-run. Validation chooses, as everywhere: the held-out style is a second test, never a choice.
+One recipe (a sweep spec's base, or a finished run's config) trains once per held-out style family (a style,
+or the renderings of one design, such as Fluent's flat and high contrast: held out together, or the figure
+would measure a re-colouring of drawings training saw). Its version `<base>-no-<family>` (`split
+--holdout-style`, built from the base version's clean dir, recipe and seed when missing) tests on every
+drawing of that family; training and the choice of the epoch (val) see only the other families. One MLflow
+parent run per call and a child run per family; the parent logs each family's held-out macro F1, their mean,
+and the base version's mixed-style test figure when the recipe came from a run. Validation chooses, as
+everywhere: the held-out family is a second test, never a choice.
 """
 
 from __future__ import annotations
@@ -19,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import yaml
 from rich.console import Console
 from rich.table import Table
 
 from research import config as config_mod
-from research import tracking
+from research import tracking, verify
 from research.config import ConfigError, TrainConfig
 from research.data.versions import Version, load_version
 
@@ -46,36 +47,43 @@ def recipe_of_run(run_id: str) -> tuple[TrainConfig, float | None]:
     except mlflow.exceptions.MlflowException as exc:
         raise ConfigError(f"No MLflow run {run_id!r} in {tracking.tracking_uri()}: pass a run id from "
                           "`python -m research runs`.") from exc
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=tmp)
-        data = yaml.safe_load(Path(local).read_text())
+    data = verify.run_config(client, run_id, "styles --run (its config is the recipe)")
     return config_mod.from_dict(TrainConfig, data), run.data.metrics.get("test_f1_macro")
 
 
 def holdout_version(base: Version, style: str) -> Version:
     """`<base>-no-<style>` beside the base version: built from the base's clean dir, recipe and seed with the
-    style held out, or reused when one built that way is there."""
-    from research.data.split import Recipe, build_version
+    style held out, or reused when one built that way from the same clean data (source digest) is there."""
+    from research.data.split import Recipe, build_version, read_clean_dir, source_digest
 
     recipe = config_mod.from_dict(Recipe, {**base.info["recipe"], "holdout_style": style})
     name, root = f"{base.name}-no-{style}", base.dir.parent
+    rebuild = (f"python -m research split {base.info['source']} --version {{name}} --recipe <{base.name}'s recipe>"
+               f"{{extra}} --force")
+    frame, _, info = read_clean_dir(base.info["source"])
+    clean = source_digest(frame, info)
+    if base.info.get("source_digest") != clean:  # the held-out figures would be of other images than the mixed ones
+        raise ConfigError(f"{base.info['source']} changed since {base.name} was split from it (source digest "
+                          f"{str(base.info.get('source_digest'))[:12]}, now {clean[:12]}); rebuild {base.name} "
+                          f"first: {rebuild.format(name=base.name, extra='')}.")
     if (root / name / "version.json").is_file():
         version = load_version(name, root)
-        if version.info.get("recipe") == config_mod.to_dict(recipe) and version.info.get("seed") == base.info["seed"]:
+        if (version.info.get("recipe") == config_mod.to_dict(recipe) and version.info.get("seed") == base.info["seed"]
+                and version.info.get("source_digest") == clean):
             return version
-        raise ConfigError(f"{version.dir} exists but was not split from {base.name}'s recipe with {style} held out; "
-                          f"delete it (or rebuild it: python -m research split {base.info['source']} --version {name} "
-                          f"--recipe <{base.name}'s recipe> --holdout-style {style} --force).")
+        raise ConfigError(f"{version.dir} exists but was not split from {base.name}'s clean data and recipe with "
+                          f"{style} held out; delete it (or rebuild it: "
+                          f"{rebuild.format(name=name, extra=f' --holdout-style {style}')}).")
     build_version(base.info["source"], name, recipe, base.info["seed"], out_root=root)
     return load_version(name, root)
 
 
-def styles_of_version(base: Version) -> list[str]:
-    from research.data.split import read_clean_dir, styles_of
+def families_of_version(base: Version) -> dict[str, list[str]]:
+    """The style families of the base version's clean dir (family -> its styles): what is held out, one at a
+    time."""
+    from research.data.split import families_of, read_clean_dir
 
-    return styles_of(read_clean_dir(base.info["source"])[0])
+    return families_of(read_clean_dir(base.info["source"])[0])
 
 
 def leave_one_style_out(cfg: TrainConfig, *, styles: list[str] | None = None, mixed_test_f1: float | None = None,
@@ -86,15 +94,17 @@ def leave_one_style_out(cfg: TrainConfig, *, styles: list[str] | None = None, mi
     tracking.setup()
     tracking.check_reachable()
     base = load_version(cfg.dataset, cfg.data_root)
-    every = styles_of_version(base)
+    families = families_of_version(base)
+    every = list(families)
     styles = styles or every
     unknown = sorted(set(styles) - set(every))
     if unknown or len(every) < 2:
-        raise ConfigError(f"--style {', '.join(unknown) or '?'}: {base.name}'s clean dir has the styles "
+        raise ConfigError(f"--style {', '.join(unknown) or '?'}: {base.name}'s clean dir has the style families "
                           f"{', '.join(every) or 'none (no style column)'}; leaving one out needs two or more.")
     versions = {style: holdout_version(base, style) for style in styles}  # all built before any training
     params = {"model": cfg.model, "dataset_version": base.name, "dataset_digest": base.digest,
-              "styles": ",".join(styles), "source": source}
+              "styles": ",".join(styles), "source": source,
+              "style_families": "; ".join(f"{f}: {', '.join(families[f])}" for f in styles)}
     with parent_run(f"styles {cfg.model} on {base.name}", source, params, experiment) as parent_id:
         rows = []
         for style, version in versions.items():
@@ -189,8 +199,9 @@ def latest_for_run(run_id: str, client=None) -> dict[str, Any] | None:
         return None
     parent = found[0]
     m = parent.data.metrics
+    members = dict(part.split(": ", 1) for part in parent.data.params.get("style_families", "").split("; ") if part)
     rows = [{"style": style, "val_f1_macro": m.get(f"val_{style}_heldout_f1_macro"),
-             "heldout_f1_macro": m.get(f"heldout_{style}_f1_macro")}
+             "heldout_f1_macro": m.get(f"heldout_{style}_f1_macro"), "members": members.get(style, style)}
             for style in parent.data.params.get("styles", "").split(",") if style]
     return {"parent_run_id": parent.info.run_id, "rows": rows, "mean_heldout_f1_macro": m.get("heldout_mean_f1_macro"),
             "dataset_version": parent.data.params.get("dataset_version")}
@@ -198,9 +209,9 @@ def latest_for_run(run_id: str, client=None) -> dict[str, Any] | None:
 
 def print_table(out: dict[str, Any]) -> None:
     table = Table(title=f"leave one style out (macro F1): {out['source'] or 'the recipe'}")
-    for col in ("held-out style", "val (other styles: chose the epoch)", "held-out style (test)", "accuracy",
-                "images"):
-        table.add_column(col, justify="left" if col == "held-out style" else "right")
+    for col in ("held-out style family", "val (other families: chose the epoch)", "held-out family (test)",
+                "accuracy", "images"):
+        table.add_column(col, justify="left" if col == "held-out style family" else "right")
     for r in out["rows"]:
         table.add_row(r["style"], f"{r['val_f1_macro']:.3f}", f"{r['heldout_f1_macro']:.3f}",
                       f"{r['heldout_accuracy']:.3f}", str(r["heldout_images"]))
@@ -222,8 +233,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ensemble", action="store_true",
                         help="with several --run: also average, per held-out style, the runs trained without it "
                              "(one model, as promote --ensemble builds) and report it as one more recipe")
-    parser.add_argument("--style", action="append", default=None,
-                        help="hold out only this style (repeatable; default: every style of the dataset)")
+    parser.add_argument("--style", action="append", default=None, metavar="FAMILY",
+                        help="hold out only this style family (repeatable; default: every family of the dataset)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="change the recipe, e.g. --set epochs=5")
     parser.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
@@ -235,18 +246,71 @@ def run(args) -> int:
         raise ConfigError("--ensemble averages several recipes: pass two or more --run RUN_ID.")
     if args.spec:
         recipes = [(recipe_of_spec(args.spec), None, f"spec {args.spec}")]
-    else:
-        recipes = [(*recipe_of_run(run_id), f"run {run_id}") for run_id in args.run_ids]  # all read before training
+    else:  # all read before training: a run without config.yaml is refused now (research/verify.py)
+        recipes = [(*recipe_of_run(run_id), f"run {run_id}") for run_id in args.run_ids]
     overrides = config_mod.parse_overrides(args.overrides)
-    outs = []
-    for cfg, mixed, source in recipes:
-        if overrides:
-            cfg = config_mod.from_dict(TrainConfig, config_mod.merge(config_mod.to_dict(cfg), overrides))
-            mixed = None  # another recipe than the run's: not the run's own leave-one-style-out either
-            source += " with " + " ".join(args.overrides)
-        outs.append(leave_one_style_out(cfg, styles=args.style, mixed_test_f1=mixed, source=source,
-                                        experiment=args.experiment))
-        print_table(outs[-1])
+    if overrides:
+        recipes = [(config_mod.from_dict(TrainConfig, config_mod.merge(config_mod.to_dict(cfg), overrides)),
+                    None,  # another recipe than the run's: not the run's own leave-one-style-out either
+                    source + " with " + " ".join(args.overrides)) for cfg, _, source in recipes]
     if args.ensemble:
-        print_table(ensemble_by_style(outs, experiment=args.experiment))
+        check_members(recipes)
+    outs = []
+    with interrupted_hint(args):
+        for cfg, mixed, source in recipes:
+            outs.append(leave_one_style_out(cfg, styles=args.style, mixed_test_f1=mixed, source=source,
+                                            experiment=args.experiment))
+            print_table(outs[-1])
+        if args.ensemble:
+            print_table(ensemble_by_style(outs, experiment=args.experiment))
     return 0
+
+
+# ------------------------------------------------------------------------ checks before any training
+
+def check_members(recipes: list[tuple[TrainConfig, float | None, str]]) -> None:
+    """`--ensemble` averages, per held-out style, the models the recipes train: they must read the same images
+    the same way (the dataset version, image size, interpolation, mean and std), or the average is refused
+    after every recipe trained. Checked from the configs before any training."""
+    from research.ensemble import PREPROCESSING
+
+    seen = [(source, recipe_reads(cfg)) for cfg, _, source in recipes]
+    for key in (k for k in PREPROCESSING if k != "classes"):
+        if len({json_text(reads[key]) for _, reads in seen}) > 1:
+            shown = "; ".join(f"{source}: {json_text(reads[key])}" for source, reads in seen)
+            raise ConfigError(f"styles --ensemble: the recipes differ in {key} ({shown}); an ensemble averages "
+                              "models that read the same images the same way, so it would be refused after every "
+                              "recipe trained. Drop --ensemble, pass runs that share it, or make them agree with "
+                              f"--set (e.g. --set image_size=...).")
+
+
+def recipe_reads(cfg: TrainConfig) -> dict[str, Any]:
+    """How a recipe's models will read images: its base version's digest and the model's preprocessing at the
+    recipe's image size (the model built without weights on the meta device: nothing is allocated)."""
+    import torch
+
+    from research import models
+
+    base = load_version(cfg.dataset, cfg.data_root)
+    with torch.device("meta"):
+        model = models.build_model(cfg.model, len(base.classes), pretrained=False, dropout=cfg.dropout, head=cfg.head)
+    return models.preprocessing(model, cfg.image_size).as_dict() | {"dataset_digest": base.digest}
+
+
+def json_text(value: Any) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+@contextlib.contextmanager
+def interrupted_hint(args) -> Iterator[None]:
+    """Ctrl-C: say what continues the call. A child run's own `train --resume` would finish that style alone,
+    outside this call's parent run, and not at all before its first checkpoint: the call is run again."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print("[yellow]styles interrupted[/]: its parent run is marked KILLED. Run the same "
+                      "`python -m research styles` command again: the held-out versions are reused and every "
+                      "style trains again under a new parent run.", soft_wrap=True)
+        raise

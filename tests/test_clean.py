@@ -47,6 +47,7 @@ def test_method_finds_the_photos(make_tree, tmp_path, method, features):
     assert set(quarantine.columns) >= {"path", "class", "cluster", "score", "reason"}
 
 
+@pytest.mark.slow
 def test_auto_cleans_logs_and_leaves_source_untouched(make_tree, tmp_path, mlflow_store):
     from mlflow import MlflowClient
 

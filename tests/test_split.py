@@ -216,6 +216,7 @@ def test_recipe_keys_are_checked(tmp_path):
         load_recipe("v9")
 
 
+@pytest.mark.slow
 def test_load_version_and_mlflow_dataset(clean_dir, mlflow_store):
     import mlflow
 

@@ -113,6 +113,7 @@ class Result:
 # ---------------------------------------------------------------- the stage (its helpers follow)
 
 
+@outputs.holding
 def clean(root: str | Path, method: str = "auto", features: str | None = None, k: int = 2,
           out: str | Path | None = None, seed: int = 0, max_sample: int = MAX_SAMPLE,
           eps: float | None = None, min_samples: int = DBSCAN_MIN_SAMPLES, workers: int | None = None,
@@ -126,6 +127,7 @@ def clean(root: str | Path, method: str = "auto", features: str | None = None, k
     root = Path(root)
     out = Path(out) if out else Path("data/clean") / root.resolve().name
     outputs.check_folder("clean", out, [root])
+    outputs.claim(out, "clean")
     data = load(root, workers=workers, progress=progress)
     kw = dict(k=k, seed=seed, max_sample=max_sample, eps=eps, min_samples=min_samples)
     if method == "auto":
@@ -186,7 +188,7 @@ def _attach_labels(root: Path, items: pd.DataFrame) -> pd.DataFrame:
     if not labels_path.is_file():
         return items
     labels = read_labels(labels_path)
-    extra = [c for c in ("style", "group", "emoji", "is_photo", "source", "license") if c in labels.columns]
+    extra = [c for c in ("style", "family", "group", "emoji", "is_photo", "source", "license") if c in labels.columns]
     return items.merge(labels[["path", *extra]].drop_duplicates("path"), on="path", how="left")
 
 

