@@ -359,6 +359,11 @@ class TrainConfig:
     sampler: SamplerName = "shuffle"
     drs_epoch: int | None = None  # deferred re-sampling: epoch from which the sampler applies
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    # distillation (research/inputs/teacher.py): a registered model's tempered probabilities on the same augmented
+    # view; loss = (1 - distill_weight) * label loss + distill_weight * T^2 * KL(teacher_T || student_T)
+    teacher: str | None = None  # models:/NAME@ALIAS, models:/NAME/VERSION; null: no teacher
+    distill_weight: float = 0.5
+    distill_temperature: float = 2.0  # T
     # machinery
     # cached: decoded images on disk; folder: ImageFolder + per-image transforms; features: the frozen
     # trunk's embeddings on disk, only the head trains (the trunk is frozen throughout)
@@ -378,7 +383,8 @@ class TrainConfig:
 
     @property
     def trunk_frozen_throughout(self) -> bool:
-        return self.loader == "features" or self.freeze_epochs >= self.epochs
+        """In a resolved config (the route has set freeze_epochs): whether the trunk never trains."""
+        return self.freeze_epochs >= self.epochs
 
     def validate(self) -> None:
         from research.schedules import parse_epoch_list  # here, not at the top: schedules imports torch
@@ -390,14 +396,7 @@ class TrainConfig:
         if self.lr_schedule not in SCHEDULES:
             parse_epoch_list(self.lr_schedule, SCHEDULES)  # raises a ConfigError with an example
         check_ranges(self, train_ranges())
-        if self.loader == "features" and (self.augment.mixup > 0 or self.augment.cutmix > 0):
-            raise ConfigError("loader=features trains the head on stored embeddings, where mixup/cutmix of images "
-                              "cannot apply: set augment.mixup=0 and augment.cutmix=0, or use loader=cached.")
-        if self.trainable_stages and self.loader != "features":
-            raise ConfigError(f"trainable_stages={self.trainable_stages} only applies to loader=features (the stored "
-                              "activations before those stages); with loader=cached use freeze_epochs.")
-        if self.feature_views and self.loader != "features":
-            raise ConfigError(f"feature_views={self.feature_views} only applies to loader=features; set it to 0.")
+        # each input route checks the keys it reads itself (research.inputs.route(cfg), before a run starts)
 
 
 @functools.cache
@@ -426,6 +425,8 @@ def train_ranges() -> dict[str, Range]:
         "ldam_max_margin": Range("(0, inf)", "e.g. 0.5"),
         "drw_epoch": Range("[0, inf)", "null: never"),
         "drs_epoch": Range("[0, inf)", "null: never"),
+        "distill_weight": Range("[0, 1]", "the teacher's share of the loss; 1: the teacher alone"),
+        "distill_temperature": Range("(0, inf)", "1: the teacher's own probabilities; 2-8 soften them"),
         "feature_views": Range("[0, inf)"),
         "trainable_stages": Range("[0, 16]", "the trunk's last stages trained on stored activations (lite0 has 7)"),
         "num_workers": Range(f"[0, {WORKERS_MAX}]", "DataLoader processes; 0 = the main process"),

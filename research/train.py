@@ -34,6 +34,7 @@ from research.data.versions import Version, load_version, mlflow_dataset
 from research.errors import UserFixable
 from research.inputs.decoded import split_items
 from research.inputs.loaders import Loaders
+from research.inputs.routes import Route
 from research.losses import build_loss
 from research.metrics import classification_metrics, fit_temperature
 from research.progress import EpochDisplay
@@ -81,13 +82,17 @@ class Parts:
     device: torch.device
     version: Version
     prep: models.Preprocessing
-    data: Loaders
+    route: Route  # the training input (research/inputs): its batches, what trains on them, its loss
     model: torch.nn.Module  # the whole classifier (logged and served; never the torch.compile wrapper)
-    step_module: torch.nn.Module  # what the optimizer trains: the model, or its head on stored features
+    step_module: torch.nn.Module  # what the optimizer trains: the model, or its suffix on stored features
     criterion: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Schedule
     ema: Any | None  # timm ModelEmaV3 of step_module
+
+    @property
+    def data(self) -> Loaders:
+        return self.route.data
 
     @property
     def trained(self) -> torch.nn.Module:
@@ -154,31 +159,29 @@ def _train_in_run(parts: Parts, state: TrainState, run_id: str, on_start, on_epo
             on_start(run_id)
         print_start(parts, run_id, state)
         fit(parts, state, ckdir, run_id, on_epoch)
-        test = finish(parts, ckdir, state.best_epoch)
+        test = finish(parts, ckdir, state.best_epoch, chosen_row(state))
     return TrainResult(run_id, "FINISHED", state.best_epoch, state.best_val_f1, state.epoch, test, state.history)
 
 
 def build_parts(cfg: TrainConfig) -> Parts:
-    """Device, data version, model (and its preprocessing), data, loss, optimizer, schedule, EMA."""
+    """Input route, device, data version, model (and its preprocessing), data, loss, optimizer, schedule, EMA."""
+    route = inputs.route(cfg)  # the route's own config checks, before anything is built
     device = resolve_device(cfg.device)
     version = load_version(cfg.dataset, cfg.data_root)
     seed_everything(cfg.seed)
     model = models.build_model(cfg.model, len(version.classes), pretrained=cfg.pretrained, dropout=cfg.dropout,
                                head=cfg.head)
-    cfg = resolved(cfg, device, model)
-    check_batch_size(cfg, version)
+    cfg = resolved(cfg, device, model, route)
+    check_batch_size(cfg, version, route.trained_part(model))
     prep = models.preprocessing(model, cfg.image_size)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    step_module = model
-    if cfg.loader == "features":
-        models.set_trunk_frozen(model, True)
-        step_module = models.stage_split(model, cfg.trainable_stages)[1]  # the head, and the last k stages
-        step_module.requires_grad_(True)
-    data = inputs.build(version, model, prep, cfg, device)
+    data = route.build(version, model, prep, cfg, device).data
+    step_module = route.step_module(model)
     counts = np.bincount(data.train_labels, minlength=len(data.classes)).tolist()
-    optimizer = build_optimizer(cfg.optimizer, optimizer_groups(cfg, model, step_module), cfg.lr, cfg.momentum)
+    optimizer = build_optimizer(cfg.optimizer, optimizer_groups(cfg, model, step_module, route.layer_decay), cfg.lr,
+                                cfg.momentum)
     scheduler = build_scheduler(cfg.lr_schedule, optimizer, epochs=cfg.epochs, steps_per_epoch=len(data.train),
                                 base_lr=cfg.lr, warmup_epochs=cfg.warmup_epochs, step_size=cfg.step_size,
                                 step_gamma=cfg.step_gamma)
@@ -187,10 +190,10 @@ def build_parts(cfg: TrainConfig) -> Parts:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(step_module, decay=cfg.ema_decay)
-    if cfg.compile:  # never on stored features (resolved turns it off there)
+    if cfg.compile:  # only where the route compiles (resolved turns it off elsewhere)
         step_module = torch.compile(model)
-    return Parts(cfg, device, version, prep, data, model, step_module, build_loss(cfg, counts), optimizer, scheduler,
-                 ema)
+    return Parts(cfg, device, version, prep, route, model, step_module, build_loss(cfg, counts), optimizer,
+                 scheduler, ema)
 
 
 def fit(parts: Parts, state: TrainState, ckdir: Path, run_id: str, on_epoch) -> None:
@@ -222,8 +225,7 @@ def run_epoch(parts: Parts, epoch: int, display: EpochDisplay, seconds_before: f
     """One epoch of training and validation -> the epoch's metrics row."""
     cfg = parts.cfg
     t0 = time.perf_counter()
-    if cfg.loader != "features":  # the whole model trains (on stored features the trunk stays frozen)
-        models.set_trunk_frozen(parts.model, epoch <= cfg.freeze_epochs)
+    parts.route.start_epoch(parts.model, epoch)  # the epoch's trunk freeze
     if hasattr(parts.criterion, "set_epoch"):
         parts.criterion.set_epoch(epoch)
     lr = parts.scheduler.current_lr()
@@ -245,16 +247,14 @@ def run_epoch(parts: Parts, epoch: int, display: EpochDisplay, seconds_before: f
 
 def train_one_epoch(parts: Parts, epoch: int, advance=lambda images: None) -> float:
     """Mean training loss over the epoch's batches."""
-    module, optimizer, device, amp = parts.step_module, parts.optimizer, parts.device, parts.cfg.amp
-    if parts.cfg.loader != "features":
-        models.train_mode(parts.model)  # a frozen trunk stays in eval mode: its batch-norm statistics hold
-    else:
-        module.train()
+    module, optimizer, device, amp, route = parts.step_module, parts.optimizer, parts.device, parts.cfg.amp, parts.route
+    route.train_mode(parts.model, module)
     total, count = 0.0, 0
     with closing_iter(parts.data.train.epoch(epoch)) as batches:
-        for x, y in batches:
+        for batch in batches:
+            x = batch[0]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = parts.criterion(module(x), y)
+                loss = route.loss(parts.criterion, module(x), batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if parts.cfg.grad_clip > 0:
@@ -272,12 +272,19 @@ def train_one_epoch(parts: Parts, epoch: int, advance=lambda images: None) -> fl
     return total / count
 
 
-def finish(parts: Parts, ckdir: Path, best_epoch: int) -> dict[str, float]:
+def chosen_row(state: TrainState) -> dict[str, float]:
+    """The metrics row of the epoch whose weights the run keeps (the best val macro F1)."""
+    return next(row for row in state.history if int(row["epoch"]) == state.best_epoch)
+
+
+def finish(parts: Parts, ckdir: Path, best_epoch: int, chosen: dict[str, float]) -> dict[str, float]:
     """Best-val weights -> val/test metrics, reports, confusion matrices, the MLflow model.
 
-    Val is the training-time figure that chose the epoch. Test is measured the way the registered model
-    predicts (research.serving on the image files, fp32 on the CPU, whatever amp and device trained it),
-    so `models:/...` reproduces the logged test figures image for image (predictions_test.csv lists them).
+    Val is the training-time figure that chose the epoch; `chosen` (that epoch's row) is logged as the run's
+    selection figures, `selected_val_*`: what promote ranks and gates on, whichever val metric it reads. Test is
+    measured the way the registered model predicts (research.serving on the image files, fp32 on the CPU, whatever
+    amp and device trained it), so `models:/...` reproduces the logged test figures image for image
+    (predictions_test.csv lists them).
     """
     parts.trained.load_state_dict(checkpoints.load_checkpoint(ckdir / "best.pt", what="best weights"))
     classes, version = parts.data.classes, parts.version
@@ -300,7 +307,8 @@ def finish(parts: Parts, ckdir: Path, best_epoch: int) -> dict[str, float]:
         (tmp / "model_meta.json").write_text(json.dumps(meta, indent=2))
         for f in sorted(tmp.iterdir()):
             mlflow.log_artifact(str(f))
-        metrics = runlog.test_metrics(test, classes) | calibration | {"best_epoch": float(best_epoch)}
+        metrics = (runlog.test_metrics(test, classes) | calibration | runlog.selected_metrics(chosen)
+                   | {"best_epoch": float(best_epoch)})
         mlflow.log_metrics(metrics)
         runlog.log_model(model, tmp / "model_meta.json", classes)
     return metrics
@@ -331,9 +339,11 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def resolved(cfg: TrainConfig, device: torch.device, model: torch.nn.Module) -> TrainConfig:
-    """Fill what the device and model decide: CUDA flags, bf16 where it is native, the image size, the head, a
-    frozen trunk."""
+def resolved(cfg: TrainConfig, device: torch.device, model: torch.nn.Module, route: Route | None = None) -> TrainConfig:
+    """Fill what the device, model and input route decide (None: the route cfg names): CUDA flags, bf16 where it is
+    native, the image size, the head, the trunk-freeze epochs (and whatever else the route pins, a teacher's
+    version)."""
+    route = route or inputs.route(cfg)
     on_cuda = device.type == "cuda"
     pick = lambda value: on_cuda if value is None else value  # noqa: E731
     native = native_bf16(device)
@@ -343,31 +353,43 @@ def resolved(cfg: TrainConfig, device: torch.device, model: torch.nn.Module) -> 
                       "emulates it, several times slower than float32 (benchmarks/amp_cpu.py); leave amp unset "
                       "(on where bf16 is native) or set amp=false.")
     head = cfg.head if cfg.head != "auto" else ("v2" if cfg.model.endswith("_v2") else "linear")
-    features = cfg.loader == "features"
-    # on stored features the trunk is frozen throughout, but for the last trainable_stages (trained from epoch 1)
-    freeze = (0 if cfg.trainable_stages else cfg.epochs) if features else min(cfg.freeze_epochs, cfg.epochs)
-    # on stored features only the head trains, uncompiled: the param says what happened
-    return dataclasses.replace(cfg, channels_last=pick(cfg.channels_last), amp=native if cfg.amp is None else cfg.amp,
-                               compile=pick(cfg.compile) and not features,
-                               image_size=models.preprocessing(model, cfg.image_size).image_size, head=head,
-                               freeze_epochs=freeze)
+    # where the route does not compile (stored features: only the suffix trains), the param says what happened
+    return route.resolve(dataclasses.replace(
+        cfg, channels_last=pick(cfg.channels_last), amp=native if cfg.amp is None else cfg.amp,
+        compile=pick(cfg.compile) and route.compiles, image_size=models.preprocessing(model, cfg.image_size).image_size,
+        head=head))
 
 
-def check_batch_size(cfg: TrainConfig, version: Version) -> None:
+def check_batch_size(cfg: TrainConfig, version: Version, trained: torch.nn.Module | None = None) -> None:
+    """A batch fits the training set; with BatchNorm in what trains (`trained`, the route's trained part), every
+    batch holds 2 images or more (one image has no batch statistics: BatchNorm raises, and a trailing batch of one
+    is dropped)."""
     n_train = len(version.split_frame("train"))
+    least = 2 if trained is not None and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                             for m in trained.modules()) else 1
+    if n_train < least:
+        raise ConfigError(
+            f"The training set of {version.name} holds {n_train} image(s); {cfg.model} has BatchNorm layers, which "
+            f"need at least {least} images per batch. Rebuild the version with more training images "
+            "(`python -m research split`), or choose another --dataset.")
+    if cfg.batch_size < least:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size}: {cfg.model} has BatchNorm layers, which need at least {least} images per "
+            f"batch (one image has no batch statistics); use --batch-size {least} or more.")
     if cfg.batch_size > n_train:
         raise ConfigError(
             f"batch_size={cfg.batch_size} is larger than the training set of {version.name} ({n_train} images); "
-            f"use --batch-size {max(1, n_train // 4)} or a larger dataset version."
+            f"use --batch-size {min(n_train, max(least, n_train // 4))} or a larger dataset version."
         )
 
 
-def optimizer_groups(cfg: TrainConfig, model: torch.nn.Module, step_module: torch.nn.Module) -> list[dict]:
-    """Parameter groups with their lr factors: the head's head_lr_scale, the trunk's layer decay,
-    and VGG16_v2's first-head-layer scale below 224 px."""
+def optimizer_groups(cfg: TrainConfig, model: torch.nn.Module, step_module: torch.nn.Module,
+                     layer_decay: bool = True) -> list[dict]:
+    """Parameter groups with their lr factors: the head's head_lr_scale, the trunk's layer decay (where the route
+    trains the trunk: `layer_decay`), and VGG16_v2's first-head-layer scale below 224 px."""
     trunk, head = models.trunk_and_head(model)
     scales: dict[int, float] = {}
-    if cfg.loader != "features" and cfg.layer_decay < 1.0:
+    if layer_decay and cfg.layer_decay < 1.0:
         scales = layer_decay_scales(trunk, cfg.layer_decay)
     if hasattr(model, "lr_scales"):  # VGG16_v2's first head layer, on images or on stored features alike
         scales.update({id(p): f for p, f in model.lr_scales(cfg.image_size).items()})
@@ -383,9 +405,13 @@ def seed_everything(seed: int) -> None:
 
 
 def flat_params(cfg: TrainConfig) -> dict[str, Any]:
-    """The resolved config as MLflow params; nested keys flattened as `augment.mixup`."""
+    """The resolved config as MLflow params; nested keys flattened as `augment.mixup`; the keys of an input layer
+    the run does not use (a teacher's) left out."""
     out: dict[str, Any] = {}
+    unused = inputs.unused_keys(cfg)
     for key, value in config_mod.to_dict(cfg).items():
+        if key in unused:
+            continue
         if isinstance(value, dict):
             out.update({f"{key}.{k}": v for k, v in value.items()})
         else:
@@ -416,8 +442,10 @@ def tracked_run(cfg: TrainConfig, *, run_id: str | None = None, parent_run_id: s
     except KeyboardInterrupt:
         with contextlib.suppress(Exception):  # the store may be unusable now; resume takes a RUNNING run too
             mlflow.end_run("KILLED")
-        console.print(f"[yellow]interrupted[/]: run {run_id} marked KILLED; resume with "
-                      f"`python -m research train --resume {run_id}`")
+        hint = (f"resume with `python -m research train --resume {run_id}`" if (ckdir / "last.pt").is_file()
+                else "it stopped before its first epoch was checkpointed, so there is nothing to resume: run the "
+                     "command again")
+        console.print(f"[yellow]interrupted[/]: run {run_id} marked KILLED; {hint}")
         raise
     except TrialPruned:
         mlflow.set_tags({"pruned": "true", "optuna_state": "PRUNED"})
@@ -449,8 +477,11 @@ def log_run_inputs(parts: Parts, run_id: str) -> None:
     source = models.weights_source(parts.model)
     prep |= source.as_params() if source is not None else {}
     # dataset_version is the version's name even when cfg.dataset is a directory path
-    mlflow.log_params(flat_params(cfg) | prep | {"dataset_version": version.name, "dataset_digest": version.digest,
-                                                 "num_classes": len(parts.data.classes)})
+    mlflow.log_params(flat_params(cfg) | prep | parts.route.params()
+                      | {"dataset_version": version.name, "dataset_digest": version.digest,
+                         "num_classes": len(parts.data.classes)})
+    if parts.route.tags():
+        mlflow.set_tags(parts.route.tags())
     mlflow.log_artifact(str(ckdir / "config.yaml"))
     for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
         runlog.log_input(mlflow_dataset(version, split), context)
@@ -510,10 +541,11 @@ def print_start(parts: Parts, run_id: str, state: TrainState) -> None:
     if cfg.trainable_stages:
         frozen = f"trunk frozen but its last {cfg.trainable_stages} stage(s), "
     start = f"epochs {state.epoch + 1}-{cfg.epochs}" if state.epoch else f"{cfg.epochs} epochs"
+    extra = parts.route.describe()
     console.print(
         f"[bold]run[/] {run_id}: {cfg.model} ({cfg.head} head) on {parts.version.name}, "
         f"{len(parts.data.train_labels)} training images, {frozen}{prep.image_size} px {prep.interpolation}, "
-        f"{parts.device}, {start}", soft_wrap=True,  # one line in a log file too, not cut at 80 columns
+        f"{parts.device}, {start}" + (f", {extra}" if extra else ""), soft_wrap=True,  # one line in a log file too
     )
 
 
@@ -547,7 +579,7 @@ def add_arguments(parser) -> None:
         "--model": str, "--dataset": str, "--batch-size": int, "--lr": float, "--lr-schedule": str,
         "--loss": str, "--sampler": str, "--epochs": int, "--image-size": int, "--seed": int,
         "--device": str, "--experiment": str, "--optimizer": str, "--loader": str, "--run-name": str,
-        "--head": str, "--freeze-epochs": int,
+        "--head": str, "--freeze-epochs": int, "--teacher": str,
     }
     for flag, tp in flags.items():
         parser.add_argument(flag, type=tp, default=None)

@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from research import verify
 from research.config import ConfigError
 from research.data import image
 from research.data.image import SPLITS
-from research.data.pool import file_lock, pmap
+from research.data.pool import pmap
 
 CACHE_FORMAT = 2  # bump when the decode rule or the layout changes: old caches are then rebuilt
 CHUNK = 64  # images per worker task
@@ -199,8 +200,12 @@ def _build(path: Path, version, size: int, expected: dict[str, Any], workers: in
 
 
 def build_lock(path: Path):
-    """One builder per cache directory across processes (parallel sweep workers share caches)."""
-    return file_lock(path.with_name(path.name + ".lock"))
+    """One builder per cache directory across processes (parallel sweep workers share caches): the lock every
+    output has (`outputs.writing`); a second builder waits for the first, told whose turn it is, and then finds
+    the cache built."""
+    from research.data import outputs
+
+    return outputs.writing(path, "cache", wait=True)
 
 
 def ensure_cache(version, size: int, root: str | Path = "data/cache", workers: int | None = None,
@@ -217,6 +222,7 @@ def ensure_cache(version, size: int, root: str | Path = "data/cache", workers: i
 
                 Console(stderr=True).print(f"[yellow]rebuilding cache {path}: {reason}")
             start = time.perf_counter()
+            verify.version_files(version, workers)  # an edited version: one error naming the file, not a decode's
             _build(path, version, size, expected, workers, progress, interpolation)
             seconds = time.perf_counter() - start
             built = True

@@ -17,7 +17,8 @@ in DataLoader workers, the seed's pipeline, kept for comparison (`loader=folder`
 
 Both: a last batch of exactly one image is dropped (BatchNorm cannot normalise one sample in
 training mode); larger remainders are kept. MixUp/CutMix (cfg.augment.mixup / cutmix > 0) run
-on the device batch with torchvision.transforms.v2 and turn y into soft targets [B, C].
+on the device batch (torchvision.transforms.v2's definitions, drawn per batch from its seed) and turn y into soft
+targets [B, C].
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,9 +45,31 @@ CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect ratio range
 PREFETCH = 3  # batches ready ahead of the model
 
 
+class Batch(tuple):
+    """A training batch: the (x, y) pair it always was (it unpacks as one), and `extras` beside it: named values
+    with one row per image. A stream says there how the batch's view was made (`index`: rows of the split; with
+    `augment`: the BatchAugment parameters and `mix_seed`; with `view`: the stored view per image), so a route
+    layer can add what belongs to the same view (research/inputs/teacher.py: the teacher's logits)."""
+
+    extras: dict[str, Any]
+
+    def __new__(cls, x: torch.Tensor, y: torch.Tensor, extras: dict[str, Any] | None = None) -> Batch:
+        batch = super().__new__(cls, (x, y))
+        batch.extras = dict(extras or {})
+        return batch
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self[1]
+
+
 @dataclasses.dataclass
 class Loaders:
-    train: TrainStream  # len(train) = batches per epoch; train.epoch(epoch) -> Iterator[(x, y)]
+    train: TrainStream  # len(train) = batches per epoch; train.epoch(epoch) -> Iterator[Batch], each an (x, y)
     val: Iterable  # deterministic, no augmentation; (x, y) with y LongTensor
     test: Iterable
     classes: list[str]
@@ -258,27 +282,35 @@ class BatchAugment:
 
 
 class BatchMix:
-    """MixUp / CutMix (torchvision.transforms.v2, one of them per batch when both are on)."""
+    """MixUp / CutMix as torchvision.transforms.v2 defines them (one of the two per batch when both are on), drawn
+    from a generator seeded per batch. Not from torch's global generator: the prefetch thread that mixes shares it
+    with the training thread (dropout), so draws there could interleave; with a generator of its own, a batch's mix
+    depends on its seed alone, and a teacher replaying it (research/inputs/teacher.py) draws the same numbers."""
 
     def __init__(self, aug: AugmentConfig, num_classes: int) -> None:
-        from torchvision.transforms import v2
-
-        ops = []
-        if aug.mixup > 0:
-            ops.append(v2.MixUp(alpha=aug.mixup, num_classes=num_classes))
-        if aug.cutmix > 0:
-            ops.append(v2.CutMix(alpha=aug.cutmix, num_classes=num_classes))
-        self.op = None if not ops else ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+        self.ops = [(kind, alpha) for kind, alpha in (("mixup", aug.mixup), ("cutmix", aug.cutmix)) if alpha > 0]
+        self.num_classes = num_classes
 
     def __bool__(self) -> bool:
-        return self.op is not None
+        return bool(self.ops)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # v2 draws lambda and boxes from torch's global CPU generator: seed it per batch in a fork
-        # so the draws depend on (seed, epoch, batch) alone and the caller's RNG stream is untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.op(x, y)
+        """x [B, C, H, W], y [B] class indices -> the mixed batch and its soft targets [B, num_classes]."""
+        rng = np.random.default_rng(seed)
+        kind, alpha = self.ops[int(rng.integers(len(self.ops)))] if len(self.ops) > 1 else self.ops[0]
+        lam = float(rng.beta(alpha, alpha))
+        if kind == "mixup":
+            x = x.roll(1, 0).mul_(1.0 - lam).add_(x.mul(lam))
+        else:  # a box of the rolled batch pasted in, its area deciding the label weights
+            h, w = x.shape[-2:]
+            cx, cy, r = int(rng.integers(w)), int(rng.integers(h)), 0.5 * math.sqrt(1.0 - lam)
+            x1, x2 = max(cx - int(r * w), 0), min(cx + int(r * w), w)
+            y1, y2 = max(cy - int(r * h), 0), min(cy + int(r * h), h)
+            x = x.clone()
+            x[..., y1:y2, x1:x2] = x.roll(1, 0)[..., y1:y2, x1:x2]
+            lam = 1.0 - (x2 - x1) * (y2 - y1) / (w * h)
+        target = F.one_hot(y, self.num_classes).float()
+        return x, target.roll(1, 0).mul_(1.0 - lam).add_(target.mul(lam))
 
 
 # ---------------------------------------------------------------------------------- prefetch
@@ -360,15 +392,16 @@ class CachedTrainStream:
     def __len__(self) -> int:
         return num_batches(len(self.labels), self.cfg.batch_size)
 
-    def _make(self, item: tuple[torch.Tensor, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _make(self, item: tuple[torch.Tensor, int]) -> Batch:
         idx, seed = item
         x, y = self.batches.gather(idx)
-        x = self.augment(x, torch.Generator().manual_seed(seed))
+        params = self.augment.params(x.shape[0], torch.Generator().manual_seed(seed))  # what self.augment(x, g) does
+        x = self.augment.apply(x, params)
         if self.mix:
             x, y = self.mix(x, y, seed)
-        return self.batches.finish(x), y
+        return Batch(self.batches.finish(x), y, {"index": idx, "augment": params, "mix_seed": seed})
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int) -> Iterator[Batch]:
         plan = epoch_plan(self.labels, self.cfg, epoch)
         return prefetch(zip(plan.batches, plan.batch_seeds), self._make)
 
@@ -522,15 +555,16 @@ class FolderTrainStream:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """Per-image torchvision transforms draw their own parameters, so a batch says only which rows it holds."""
         self.sampler.set_epoch(epoch)
-        seeds = list(self.sampler.plan.batch_seeds)
-        for (x, y), seed in zip(self.loader, seeds):
+        plan = self.sampler.plan
+        for (x, y), seed, idx in zip(self.loader, plan.batch_seeds, plan.batches):
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             if self.mix:
                 x, y = self.mix(x, y, seed)
-            yield x.contiguous(memory_format=self.format), y
+            yield Batch(x.contiguous(memory_format=self.format), y, {"index": idx})
 
 
 class FolderEvalBatches:
