@@ -28,7 +28,8 @@ lint: install
 test: install lint
 	$(PY) -m pytest -q
 
-# The default suite skips nothing it can run here; `slow` marks the long end-to-end checks.
+# The default suite skips nothing it can run here; `slow` marks every test that takes seconds (training, studies,
+# processes, servers), so test-fast is the rest: about a minute on 2 cores.
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 

@@ -35,7 +35,7 @@ from rich.table import Table
 
 from research import checkpoints, tracking
 from research.config import ConfigError
-from research.store import best_value, logged_models, search_all_runs
+from research.store import logged_models, search_all_runs, selection_value
 
 console = Console()
 
@@ -122,10 +122,10 @@ def trial_runs(client, parent) -> list:
 
 
 def objective(client, run, study: Study) -> float:
-    """The trial's objective (metric `objective`, logged by the sweep), else its metric's best epoch."""
+    """The trial's objective (metric `objective`, logged by the sweep), else its metric at the kept epoch."""
     value = run.data.metrics.get("objective")
     if value is None:
-        value = best_value(client, run, study.metric)
+        value = selection_value(client, run, study.metric)
     if value is None or math.isnan(value):
         return -math.inf
     return value if study.maximize else -value
@@ -207,12 +207,66 @@ def plan(experiment: str | None = None, keep_top_k: int | None = 3, override: bo
                     items.append(Item("weights", f"{exp.name} / {study.name}", run.info.run_id, why,
                                       sum(model_bytes(client, m) for m in models),
                                       lambda run=run, models=models: drop_weights(client, run, models)))
+            items += ensemble_runs(client, exp, protected)
             items += deleted_runs(client, exp, protected)
         else:
             items += deleted_experiment(client, exp, protected)
     states = (checkpoints.ENDED, checkpoints.RESUMABLE) if resumable else (checkpoints.ENDED,)
     items += [item for item, state in checkpoint_folders(client, checkpoint_root) if state in states]
     return items
+
+
+def ensemble_runs(client, exp, protected: set[str]) -> list[Item]:
+    """Ensemble runs (`promote --ensemble`, `styles --ensemble`) that hold weights no registered version uses:
+    their model is a copy of their members' weights, so it goes (their figures stay, and `promote --ensemble`
+    builds it again); one whose process was killed (still RUNNING, its pid gone on this host) goes whole."""
+    out = []
+    runs = search_all_runs(client, [exp.experiment_id], "tags.ensemble_of LIKE '%'")
+    models: dict[str, list] = {}
+    for m in logged_models(client, [exp.experiment_id], {r.info.run_id for r in runs}):
+        models.setdefault(m.source_run_id, []).append(m)
+    for run in runs:
+        rid = run.info.run_id
+        if rid in protected:
+            continue
+        if run.info.status == "RUNNING" and writer_gone(run):
+            out.append(Item("killed ensemble", exp.name, rid, "RUNNING, but the process building it is gone",
+                            sum(model_bytes(client, m) for m in models.get(rid, [])),
+                            lambda rid=rid: _discard(client, rid)))
+        elif run.info.status != "RUNNING" and models.get(rid):
+            out.append(Item("weights", exp.name, rid, "ensemble no registered version uses (a copy of its members')",
+                            sum(model_bytes(client, m) for m in models[rid]),
+                            lambda run=run, ms=models[rid]: drop_weights(client, run, ms)))
+    return out
+
+
+def writer_gone(run) -> bool:
+    """Whether the process that wrote a RUNNING run (tags host, pid, process_started) is gone; a run of another
+    host, or one without those tags, is never judged gone."""
+    tags = run.data.tags
+    try:
+        holder = checkpoints.Holder(int(tags["pid"]), tags["host"], float(tags["process_started"]), 0.0)
+    except (KeyError, ValueError):
+        return False
+    import socket
+
+    return holder.host == socket.gethostname() and not checkpoints.alive(holder)
+
+
+def discard_run(client, run_id: str) -> None:
+    """An unregistered run a command made (a refused or stopped ensemble): its weights deleted and the run
+    deleted (`gc` frees what MLflow keeps of it). Never raises: the error that got here is the one to show."""
+    with contextlib.suppress(Exception):
+        run = client.get_run(run_id)
+        if run.info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+        drop_weights(client, run, list(logged_models(client, [run.info.experiment_id], {run_id})))
+        client.delete_run(run_id)
+
+
+def _discard(client, run_id: str) -> None:
+    discard_run(client, run_id)
+    mlflow_gc("--run-ids", run_id)
 
 
 def deleted_runs(client, exp, protected: set[str]) -> list[Item]:

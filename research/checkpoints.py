@@ -144,7 +144,8 @@ def _read_holder(ckdir: Path) -> Holder | None:
         return Holder(-1, "unknown", 0.0, heartbeat)
 
 
-def _alive(holder: Holder) -> bool:
+def alive(holder: Holder) -> bool:
+    """Whether the process of a lock (or of a run's writer, research/artifacts.py) still runs."""
     if holder.host != socket.gethostname() or holder.pid < 0:
         return time.time() - holder.heartbeat < STALE_SECONDS
     import psutil
@@ -160,7 +161,7 @@ def _alive(holder: Holder) -> bool:
 def live_holder(ckdir: str | Path) -> Holder | None:
     """The process training the run of `ckdir` now (this one included), or None: no lock, or a stale one."""
     holder = _read_holder(Path(ckdir))
-    return holder if holder is not None and _alive(holder) else None
+    return holder if holder is not None and alive(holder) else None
 
 
 _held: dict[Path, int] = {}  # lock path -> nesting depth, in this process

@@ -183,6 +183,7 @@ def print_formats(table: pd.DataFrame, summary: dict) -> None:
 # ---------------------------------------------------------------- the stage
 
 
+@outputs.holding
 def run_eda(root: str | Path, out: str | Path | None = None, seed: int = 0, log: bool = True,
             workers: int | None = None, progress: bool = True) -> tuple[Path, dict]:
     """Plots + summary of a class-per-folder tree under `out`; returns (out, summary)."""
@@ -195,6 +196,7 @@ def run_eda(root: str | Path, out: str | Path | None = None, seed: int = 0, log:
                           "(e.g. data/raw/emoji20, built by `python -m research data build`).")
     out = Path(out) if out else Path("reports/eda") / root.resolve().name
     outputs.check_folder("eda", out, [root])
+    outputs.claim(out, "eda")
     inv = scan(root, workers=workers, progress=progress)
     digest = inventory_digest(inv)
     good = inv[(inv["class"] != "") & inv["ok"]]

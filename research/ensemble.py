@@ -50,12 +50,14 @@ class Ensemble(nn.Module):
 def member(run_id: str, tmp: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """A run's torch module, its model_meta.json and its resolved config."""
     import mlflow.pytorch
-    import yaml
 
+    from research import verify
+
+    config = verify.run_config(mlflow.MlflowClient(), run_id, "a member of an ensemble")  # before the weights
     local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(tmp / run_id)))
-    config = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
-        f"runs:/{run_id}/config.yaml", dst_path=str(tmp / run_id))).read_text())
-    return mlflow.pytorch.load_model(str(local), map_location="cpu").eval(), read_meta(local), config
+    module = mlflow.pytorch.load_model(str(local), map_location="cpu").eval()
+    meta = verify.model_meta(read_meta(local, f"run {run_id}'s model"), f"run {run_id}'s model", module)
+    return module, meta, config
 
 
 def same_preprocessing(metas: list[dict[str, Any]], run_ids: list[str]) -> None:
@@ -115,7 +117,7 @@ def log_ensemble_run(model: Ensemble, meta: dict[str, Any], results: dict, candi
     metric = candidates[0].metric
     out.mkdir(parents=True)
     experiment_id = candidates[0].run.info.experiment_id
-    tags = {**tracking.run_tags(), "ensemble_of": ",".join(meta["members"])} | (
+    tags = {**tracking.run_tags(), **tracking.process_tags(), "ensemble_of": ",".join(meta["members"])} | (
         {"ensemble_study": study} if study else {})
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"ensemble of {len(candidates)}"
                           + (f" ({study})" if study else ""), tags=tags) as run:
@@ -123,8 +125,10 @@ def log_ensemble_run(model: Ensemble, meta: dict[str, Any], results: dict, candi
                            "ensemble_members": ",".join(meta["members"]), "selection_metric": metric,
                            "image_size": meta["image_size"]})
         mlflow.log_metrics({f"member_{i}_{metric}": c.score for i, c in enumerate(candidates)})
-        mlflow.log_metrics({f"val_{k}": val[k] for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro")}
-                           | {"val_loss": val["loss"]}, step=0)
+        labels = {f"val_{k}": val[k] for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro")}
+        mlflow.log_metrics(labels | {"val_loss": val["loss"]}, step=0)
+        # the figures it is ranked and gated on: no val loss, measured at temperatures fitted on this same val
+        mlflow.log_metrics(runlog.selected_metrics(labels, names=tuple(labels)))
         runlog.write_split_reports(val, classes, "val", version.name, out)
         runlog.write_split_reports(test, classes, "test", version.name, out, paths=test_paths, prob=test["prob"])
         runlog.write_predictions(test, classes, [p.relative_to(version.dir) for p in test_paths],

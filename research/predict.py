@@ -159,13 +159,18 @@ def json_lines(result: pd.DataFrame) -> list[str]:
 # ------------------------------------------------------------------------------ served equals measured
 
 LOGGED = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
+# Largest difference in an image's served probability from its logged one that still counts as equal. Both sides
+# are float32 forward passes on a CPU (~1e-7 apart); a served temperature other than the logged one moves them by
+# 1e-2 or more while every label stays.
+PROBABILITY_TOLERANCE = 1e-4
 
 
 def evaluate_served(uri: str, dataset: str, split: str = "test", data_root: str | Path = "data/versions",
                     batch_size: int = 64) -> dict:
     """Predict every image of a dataset version's split through the model URI (the pyfunc's own input), and
     compare with what the model's training run logged: its test_* metrics and, for the test split, its
-    predictions_test.csv image by image. `equal` is True only when every figure and every label agree."""
+    predictions_test.csv image by image. `equal` is True only when every figure and every label agree and no
+    image's probability is more than PROBABILITY_TOLERANCE from its logged one."""
     import mlflow
 
     from research.data.versions import load_version
@@ -206,7 +211,8 @@ def evaluate_served(uri: str, dataset: str, split: str = "test", data_root: str 
         gap = np.abs(result["probability"].astype(float).to_numpy() - rows["probability"].to_numpy()).max()
         out["max_probability_difference"] = float(gap)
     out["equal"] = (out["trained_on_digest"] == version.digest and all(logged[k] == out["served"][k] for k in LOGGED)
-                    and not out.get("mismatched_images"))
+                    and not out.get("mismatched_images")
+                    and out.get("max_probability_difference", 0.0) <= PROBABILITY_TOLERANCE)
     return out
 
 
@@ -223,8 +229,11 @@ def print_evaluation(out: dict) -> None:
     else:
         mismatched = out.get("mismatched_images") or []
         digest = "" if out["trained_on_digest"] == out["dataset_digest"] else " (the run trained on another digest)"
+        gap = out.get("max_probability_difference")
         console.print(f"[red]served differs from logged{digest}[/]: {len(mismatched)} image(s) labelled otherwise"
-                      + (f", e.g. {mismatched[0]}" if mismatched else ""))
+                      + (f", e.g. {mismatched[0]}" if mismatched else "")
+                      + (f"; probabilities up to {gap:.2g} apart (tolerance {PROBABILITY_TOLERANCE:g})"
+                         if gap is not None and gap > PROBABILITY_TOLERANCE else ""))
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -1,14 +1,16 @@
 """Choose a run and register it: `python -m research promote`.
 
 `promote(...)` picks the best FINISHED run that has a model (default: the best of any architecture
-by its best-epoch val macro F1, or by its study's objective with --study; `--model-filter vgg16_v2`
-keeps the seed's choice), registers the run's own model `model` as a new version of
+by its val macro F1 at the epoch whose weights it kept, or by its study's objective with --study;
+`--model-filter vgg16_v2` keeps the seed's choice), registers the run's own model `model` as a new version of
 `illustration-classifier` (no copy: that model is both a torch module and the pyfunc, see
 research/runlog.py), and moves the aliases: `champion` to the new version, `previous` to the one it replaces.
 
 Validation chooses, test reports: the ranking and the gate against the current champion read a
 validation metric only (a test metric is refused), and compare like with like (same selection metric,
-same dataset digest). The test figures are shown beside, never used.
+same dataset digest; each run's figure at the epoch whose weights it serves, research.store.selection_value;
+an ensemble on a metric that temperature scaling cannot move, see `check_ensemble_metric`). The test figures
+are shown beside, never used.
 
 Aliases are the lasting interface (`models:/illustration-classifier@champion`). Stages
 (`models:/illustration-classifier/Production`) are deprecated upstream (MLflow 2.9+) and still
@@ -28,6 +30,7 @@ import io
 import logging
 import math
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -50,7 +53,7 @@ from research.serving import (  # IllustrationClassifier here also unpickles pyf
     read_meta,
     signature,
 )
-from research.store import best_value, database_lock, logged_models, minimise, search_all_runs
+from research.store import SELECTED, database_lock, logged_models, minimise, search_all_runs, selection_value
 
 console = Console()
 
@@ -80,12 +83,23 @@ def check_selection_metric(metric: str) -> None:
         )
 
 
+def check_ensemble_metric(metric: str) -> None:
+    """An ensemble is ranked and gated on a metric that temperatures cannot move (macro F1, accuracy): its val
+    loss is measured at temperatures fitted on that same val (each member's, then the average's), a single
+    run's at temperature 1, so a loss would favour the ensemble for how it was measured."""
+    if minimise(metric):
+        raise ConfigError(
+            f"--metric {metric!r}: an ensemble's val loss is measured at temperatures fitted on that same val, a "
+            "single run's at temperature 1, so the two are not comparable. An ensemble is gated on the val metric "
+            f"the study optimised when it is a label metric: use --metric {DEFAULT_METRIC} (or val_accuracy).")
+
+
 # ------------------------------------------------------------------------------ picking a run
 
 @dataclasses.dataclass
 class Candidate:
     run: Any  # mlflow.entities.Run
-    score: float  # the metric's best value over epochs
+    score: float  # the metric at the epoch whose weights the run kept (store.selection_value)
     metric: str
 
     @property
@@ -97,8 +111,21 @@ class Candidate:
         return self.run.data.metrics.get("test_f1_macro")
 
     @property
+    def ensemble(self) -> bool:
+        return "ensemble_of" in self.run.data.tags
+
+    @property
     def dataset_digest(self) -> str:
         return self.run.data.params.get("dataset_digest", "")
+
+    @property
+    def teacher(self) -> str:
+        """The pinned teacher it was distilled from (models:/NAME/VERSION), "" for none (research/inputs/teacher.py)."""
+        return self.run.data.params.get("teacher", "") or ""
+
+    @property
+    def teacher_run_id(self) -> str:
+        return self.run.data.params.get("teacher.run_id", "") or ""
 
     @property
     def where(self) -> str:
@@ -116,18 +143,25 @@ class Champion:
     version: str
     run_id: str
     metric: str | None  # the metric it was selected on
-    score: float | None  # that metric's best value
+    score: float | None  # that metric at the epoch whose weights it serves
     dataset_digest: str
     dataset_version: str
     test_f1: float | None  # shown, never compared
     study: str | None
+    ensemble: bool = False  # an ensemble's model (research.ensemble)
+    teacher: str = ""  # the teacher it was distilled from (models:/NAME/VERSION), "" for none
+    teacher_run_id: str = ""
 
     @classmethod
     def of(cls, mv) -> Champion:
         metric = mv.tags.get("selection_metric")
-        return cls(str(mv.version), mv.tags.get("source_run_id", "?"), metric,
-                   _tag_float(mv, f"best_{metric}") if metric else None, mv.tags.get("dataset_digest", ""),
-                   mv.tags.get("dataset_version", ""), _tag_float(mv, "test_f1_macro"), mv.tags.get("optuna_study"))
+        score = _tag_float(mv, f"{SELECTED}{metric}") if metric else None
+        if score is None and metric == DEFAULT_METRIC:  # a version tagged before selected_*: the epoch was chosen
+            score = _tag_float(mv, f"best_{metric}")  # by this metric, so its best value is the chosen epoch's
+        return cls(str(mv.version), mv.tags.get("source_run_id", "?"), metric, score, mv.tags.get("dataset_digest", ""),
+                   mv.tags.get("dataset_version", ""), _tag_float(mv, "test_f1_macro"), mv.tags.get("optuna_study"),
+                   mv.tags.get("model", "").startswith("ensemble of"), mv.tags.get("teacher", ""),
+                   mv.tags.get("teacher_run_id", ""))
 
     @property
     def where(self) -> str:
@@ -195,7 +229,7 @@ def ranked_runs(client, *, study: str | None = None, experiment: str | None = No
     for run in runs:
         if run.info.run_id not in with_model:
             continue
-        value = best_value(client, run, metric)
+        value = selection_value(client, run, metric)
         if value is not None:
             scored.append(Candidate(run, value, metric))
     if not scored:
@@ -225,7 +259,9 @@ def _named_run(client, run_id: str, metric: str) -> Candidate:
         raise ConfigError(f"Run {run_id} is {run.info.status}, not FINISHED; only finished runs can be promoted "
                           "(pruned trials end KILLED and have no model).")
     run_model(client, run_id)  # or the error saying why it has none
-    value = best_value(client, run, metric)
+    if "ensemble_of" in run.data.tags:
+        check_ensemble_metric(metric)
+    value = selection_value(client, run, metric)
     return Candidate(run, math.nan if value is None else value, metric)
 
 
@@ -293,14 +329,30 @@ def version_tags(cand: Candidate, meta: dict[str, Any]) -> dict[str, str]:
         "dataset_version": str(meta.get("dataset_version") or params.get("dataset_version", "")),
         "dataset_digest": str(meta.get("dataset_digest") or params.get("dataset_digest", "")),
         "selection_metric": cand.metric,
-        f"best_{cand.metric}": f"{cand.score:.6f}",
+        f"{SELECTED}{cand.metric}": f"{cand.score:.6f}",
     }
     if cand.test_f1 is not None:
         out["test_f1_macro"] = f"{cand.test_f1:.6f}"
     for key in ("optuna_study", "optuna_trial"):
         if key in tags:
             out[key] = tags[key]
+    if cand.teacher:  # its lineage: what the gate compares, and what the version's description names
+        out |= {"teacher": cand.teacher, "teacher_run_id": cand.teacher_run_id,
+                "teacher_dataset_digest": params.get("teacher.dataset_digest", "")}
     return out
+
+
+def distilled_description(cand: Candidate) -> str | None:
+    """A distilled run's version description: what it was distilled from, and how; None for any other run."""
+    params = cand.run.data.params
+    if not cand.teacher:
+        return None
+    return (f"Distilled from {cand.teacher} (given as {params.get('teacher.uri', cand.teacher)}; "
+            f"{params.get('teacher.model', '?')}, run {params.get('teacher.run_id', '?')}, trained on dataset digest "
+            f"{params.get('teacher.dataset_digest', '?')[:12]}): loss = (1 - {params.get('distill_weight')}) x label "
+            f"loss + {params.get('distill_weight')} x T^2 x KL at T = {params.get('distill_temperature')}, the "
+            f"teacher's logits {params.get('teacher.outputs', '')}. The teacher is part of this model's recipe: "
+            "`promote` compares it only with versions distilled from the same teacher.")
 
 
 def run_model(client, run_id: str):
@@ -345,6 +397,9 @@ def register(client, cand: Candidate, name: str) -> str:
         version = mlflow.register_model(model_uri, name, tags=version_tags(cand, meta))
     for line in said.getvalue().splitlines():
         logging.getLogger(__name__).info(line)
+    description = distilled_description(cand)
+    if description:
+        client.update_model_version(name, version.version, description=description)
     with contextlib.suppress(MlflowException):
         if not client.get_registered_model(name).description:
             client.update_registered_model(name, description=(
@@ -430,9 +485,11 @@ def promote(*, study: str | None = None, run_id: str | None = None, experiment: 
     tracking.check_reachable()
     client = mlflow.MlflowClient()
     metric = metric or (study_metric(client, study) if study else None) or DEFAULT_METRIC
+    built = False
     if ensemble > 1:
-        cand = ensemble_candidate(client, ensemble, study=study, experiment=experiment, model_filter=model_filter,
-                                  metric=metric)
+        check_ensemble_metric(metric)
+        cand, built = ensemble_candidate(client, ensemble, name=name, study=study, experiment=experiment,
+                                         model_filter=model_filter, metric=metric)
     else:
         cand = pick_run(client, study=study, run_id=run_id, experiment=experiment, model_filter=model_filter,
                         metric=metric)
@@ -441,23 +498,67 @@ def promote(*, study: str | None = None, run_id: str | None = None, experiment: 
         with database_lock(uri, f"promote:{name}"):
             result = _promote(client, cand, name, metric, force)
         champ = current_champion(client, name)  # what is true now, whatever ran beside us
-    except (MlflowException, OSError) as exc:
-        raise ConfigError(f"promote could not write to the tracking store {uri}: {first_line(exc)}. Check that "
-                          "the store is writable (file permissions, the server's access rules).") from None
+    except BaseException as exc:
+        if built and version_of_run(client, name, cand.run_id) is None:  # built for this promote, not registered
+            from research.artifacts import discard_run
+
+            discard_run(client, cand.run_id)
+        if isinstance(exc, (MlflowException, OSError)):
+            raise ConfigError(f"promote could not write to the tracking store {uri}: {first_line(exc)}. Check that "
+                              "the store is writable (file permissions, the server's access rules).") from None
+        raise
     if champ is not None and str(champ.version) != result.version:
         result.overtaken_by = str(champ.version)
     return result
 
 
-def ensemble_candidate(client, k: int, *, metric: str, **scope) -> Candidate:
-    """The K best runs of the scope logged as one ensemble run (research.ensemble), as a Candidate."""
+def ensemble_candidate(client, k: int, *, metric: str, name: str, **scope) -> tuple[Candidate, bool]:
+    """The K best runs of the scope as one ensemble run (research.ensemble), as a Candidate, and whether it was
+    built now. Idempotent: an ensemble of the same members that is the champion, or any finished one that
+    still has its model, is that candidate again (no new run, no new copy of the weights). A build that fails or
+    is stopped leaves no run behind; one killed outright stays RUNNING until `gc` frees it."""
+    import mlflow
+
     from research.ensemble import build_ensemble
 
     ranked = [c for c in ranked_runs(client, metric=metric, **scope) if "ensemble_of" not in c.run.data.tags]
     if len(ranked) < k:
         raise ConfigError(f"--ensemble {k}: the scope holds {len(ranked)} finished run(s) with a model; use "
                           f"--ensemble {len(ranked)} or fewer (a study keeps the weights of its keep_top_k best).")
-    return _named_run(client, build_ensemble(ranked[:k], scope.get("study")), metric)
+    members = ranked[:k]
+    existing = ensemble_run_of(client, {c.run_id for c in members}, members[0].run.info.experiment_id, name)
+    if existing is not None:
+        return _named_run(client, existing, metric), False
+    started = int(time.time() * 1000)
+    try:
+        run_id = build_ensemble(members, scope.get("study"))
+    except BaseException:
+        last = mlflow.last_active_run()
+        if last is not None and last.data.tags.get("ensemble_of") and (last.info.start_time or 0) >= started:
+            from research.artifacts import discard_run
+
+            discard_run(client, last.info.run_id)
+        raise
+    return _named_run(client, run_id, metric), True
+
+
+def ensemble_run_of(client, members: set[str], experiment_id: str, name: str) -> str | None:
+    """A run that already averages exactly `members`: the champion of `name` first, else the newest FINISHED
+    ensemble run of the experiment whose model is still there."""
+    champ = current_champion(client, name)
+    if champ is not None:
+        with contextlib.suppress(Exception):
+            tags = client.get_run(champ.run_id).data.tags
+            if set(tags.get("ensemble_of", "").split(",")) == members:
+                return champ.run_id
+    runs = search_all_runs(client, [experiment_id], "attributes.status = 'FINISHED' and tags.ensemble_of LIKE '%'",
+                           order_by=["attributes.start_time DESC"])
+    for run in runs:
+        if set(run.data.tags.get("ensemble_of", "").split(",")) == members:
+            with contextlib.suppress(ConfigError):
+                run_model(client, run.info.run_id)
+                return run.info.run_id
+    return None
 
 
 def check_name(name: str) -> None:
@@ -469,6 +570,10 @@ def check_name(name: str) -> None:
         _validate_model_name(name)
     except MlflowException as exc:
         raise ConfigError(f"--name {name!r}: {first_line(exc)} Use a plain name such as {MODEL_NAME}.") from None
+    if "@" in name or "/" in name or name != name.strip():  # models:/NAME@alias and models:/NAME/version
+        raise ConfigError(f"--name {name!r}: a `models:/{name}@{CHAMPION}` URI could not load it ('@' starts an "
+                          "alias, '/' a version, and spaces around a name are lost); use a plain name such as "
+                          f"{MODEL_NAME}.")
 
 
 def _promote(client, cand: Candidate, name: str, metric: str, force: bool) -> Promotion:
@@ -510,16 +615,29 @@ def gate(champ: Champion, cand: Candidate, name: str) -> None:
             f"Not comparable: {name} {champ.where} was selected on {champ.metric or 'no recorded metric'}, this "
             f"candidate on {metric}. Promote with --metric {champ.metric or metric}, register it beside with "
             f"--name OTHER_NAME, or {force}.", champ, cand, comparable=False)
+    if minimise(metric) and (champ.ensemble or cand.ensemble):
+        raise PromotionRefused(
+            f"Not comparable: {name} {champ.where} and run {cand.run_id} would be compared on {metric}, and "
+            f"{'the champion' if champ.ensemble else 'the candidate'} is an ensemble, whose val loss is measured at "
+            "temperatures fitted on that same val (a single run's at temperature 1). Promote with --metric "
+            f"{DEFAULT_METRIC}, or {force}.", champ, cand, comparable=False)
     if champ.dataset_digest != cand.dataset_digest:
         raise PromotionRefused(
             f"Not comparable: {name} {champ.where} was selected on dataset {champ.dataset_version} (digest "
             f"{champ.dataset_digest[:12] or '?'}), run {cand.run_id} on digest {cand.dataset_digest[:12] or '?'}: "
             f"their val figures measure different images. Register it beside with --name OTHER_NAME, or {force}.",
             champ, cand, comparable=False)
-    better = cand.score < champ.score if minimise(metric) else cand.score > champ.score
+    if champ.teacher_run_id != cand.teacher_run_id:  # the teacher's weights: one run may be registered twice
+        raise PromotionRefused(
+            f"Not comparable: {name} {champ.where} was distilled from {champ.teacher or 'no teacher'}, run "
+            f"{cand.run_id} from {cand.teacher or 'no teacher'}: a teacher is part of the recipe (the teacher was "
+            "chosen, and its probabilities calibrated, on val). Register it beside with --name OTHER_NAME, or "
+            f"{force}.", champ, cand, comparable=False)
+    score = round(cand.score, 6)  # at the precision of the champion's tag: an equal score is not better
+    better = score < champ.score if minimise(metric) else score > champ.score
     if not better:
         raise PromotionRefused(
-            f"Run {cand.run_id} has best {metric} {_fmt(cand.score)}, not better than the champion's "
+            f"Run {cand.run_id} has {metric} {_fmt(cand.score)} (at its kept epoch), not better than the champion's "
             f"{_fmt(champ.score)} ({name} {champ.where}). Not promoted (test figures are reported, never compared: "
             f"candidate {_fmt(cand.test_f1)}, champion {_fmt(champ.test_f1)} test macro F1); {force}.", champ, cand)
 
@@ -544,8 +662,9 @@ def add_arguments(parser) -> None:
                         help="only runs with params.model = MODEL, e.g. vgg16_v2 for the seed's choice "
                              "(default: any model; the best run wins whatever its architecture)")
     parser.add_argument("--metric", default=None,
-                        help="rank and gate by this validation metric's best value over epochs (default: the "
-                             f"study's objective with --study, else {DEFAULT_METRIC}); test metrics are refused")
+                        help="rank and gate by this validation metric at the epoch whose weights a run kept "
+                             f"(default: the study's objective with --study, else {DEFAULT_METRIC}); test metrics "
+                             "are refused")
     parser.add_argument("--name", default=MODEL_NAME, help=f"registered model name (default {MODEL_NAME})")
     parser.add_argument("--ensemble", type=int, default=1, metavar="K",
                         help="register one model that averages the probabilities of the K best runs (a new run, "
@@ -581,11 +700,11 @@ def print_promotion(p: Promotion) -> None:
         table.add_column("")
         rows = [
             ("source run", p.run_id),
-            (f"best {p.metric}", _fmt(p.score)),
+            (f"{p.metric} (kept epoch)", _fmt(p.score)),
             ("test_f1_macro", f"{_fmt(p.test_f1)} (reported, never compared)"),
             ("version", p.version + (" (existing version of this run)" if p.reused_version else " (new)")),
             (f"alias @{CHAMPION}", f"-> version {p.version}"),
-            (f"alias @{PREVIOUS}", f"-> version {p.previous_version} (best {p.metric} {_fmt(p.previous_score)})"
+            (f"alias @{PREVIOUS}", f"-> version {p.previous_version} ({p.metric} {_fmt(p.previous_score)})"
              if p.previous_version and p.previous_version != p.version else "-"),
             ("stage", f"{p.stage} (older versions archived; {p.stage_note})" if p.stage else p.stage_note),
             ("load (pyfunc)", p.uri),

@@ -23,6 +23,17 @@ EPOCH_METRICS = (
 )
 
 
+VAL_METRICS = ("val_loss", "val_accuracy", "val_precision_macro", "val_recall_macro", "val_f1_macro")
+
+
+def selected_metrics(row: dict[str, float], names=VAL_METRICS) -> dict[str, float]:
+    """`selected_<metric>` for each val metric of the row whose weights the run keeps: the figures promote ranks
+    and gates on (research.store.selection_value), not each metric's best over epochs."""
+    from research.store import SELECTED
+
+    return {f"{SELECTED}{k}": float(row[k]) for k in names}
+
+
 def log_input(dataset, context: str, attempts: int = 4) -> None:
     """mlflow.log_input, retried: workers starting together race on MLflow's get-or-create of the same
     dataset row (sqlite/PostgreSQL UNIQUE constraint on experiment, name, digest); a retry finds the row."""

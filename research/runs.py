@@ -28,7 +28,7 @@ from rich.text import Text
 
 from research import tracking
 from research.config import ConfigError
-from research.store import best_value, search_all_runs
+from research.store import search_all_runs, selection_value
 
 # the row keys, in the order the table shows them and keeps them when the terminal is narrow (the first ones win)
 RUN_COLUMNS = ("val_f1", "test_f1", "model", "name", "duration", "status", "run_id", "lr", "batch", "dataset",
@@ -65,7 +65,7 @@ def leaderboard(experiment: str | None = None, study: str | None = None, top: in
             continue
         rows.append({
             "name": run.info.run_name or "", "model": params["model"],
-            "val_f1": best_value(client, run, "val_f1_macro"), "test_f1": metrics.get("test_f1_macro"),
+            "val_f1": selection_value(client, run, "val_f1_macro"), "test_f1": metrics.get("test_f1_macro"),
             "duration": _duration(run), "status": run.info.status, "run_id": run.info.run_id,
             "lr": _param(params, "lr", float), "batch": _param(params, "batch_size", int),
             # the dataset_version param may be a version directory: its name
@@ -92,7 +92,7 @@ def studies(experiment: str | None = None, study: str | None = None, top: int | 
         direction, metric = objective.split(" ", 1)
         children = trials[parent.info.run_id]
         states = Counter(_trial_state(r) for r in children)
-        scored = [(best_value(client, r, metric), r) for r in children if _trial_state(r) == "COMPLETE"]
+        scored = [(selection_value(client, r, metric), r) for r in children if _trial_state(r) == "COMPLETE"]
         scored = [(v, r) for v, r in scored if v is not None]
         pick = max if direction == "maximize" else min
         value, best = pick(scored, key=lambda vr: vr[0], default=(None, None))
@@ -239,6 +239,8 @@ def add_arguments(parser, name: str) -> None:
 def run(args) -> int:
     console = Console()  # reads COLUMNS now, not at import
     if args.command == "runs":
+        if args.top < 0:  # a negative slice would quietly drop rows from the end
+            raise ConfigError(f"--top {args.top}: give how many rows to show (0 shows all).")
         all_columns = STUDY_COLUMNS if args.studies else RUN_COLUMNS
         columns = pick_columns(args.columns, all_columns, "runs --studies" if args.studies else "runs")
         rows = (studies if args.studies else leaderboard)(args.experiment, args.study, args.top or None)

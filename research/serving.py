@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextvars
 import json
 import re
 import tempfile
@@ -27,15 +28,16 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel  # the pyfunc's base class; the one heavy import a `--help` pays for
 
-from research import tracking
+from research import tracking, verify
 from research.config import ConfigError
-from research.data.image import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, decode, normalize
+from research.data.image import IMAGENET_MEAN, IMAGENET_STD, decode, normalize
 
 # Names users and scripts rely on; the registry module re-exports them.
 MODEL_NAME = "illustration-classifier"
 CHAMPION, PREVIOUS, STAGE = "champion", "previous", "Production"
 META_FILE = "model_meta.json"  # logged as an extra file of the torch model, so it travels with the weights
 CHUNK = 64  # images per forward pass
+_loading: contextvars.ContextVar[str | None] = contextvars.ContextVar("loading_model", default=None)  # its name
 
 
 # ------------------------------------------------------------------------------ model metadata
@@ -54,33 +56,27 @@ def model_meta(*, classes, image_size: int, mean, std, interpolation: str, model
     return meta | extra
 
 
-def check_meta(meta: dict[str, Any]) -> None:
-    """Refuse preprocessing this code cannot reproduce, naming the bad value (not one error per image later)."""
-    if meta.get("interpolation") not in INTERPOLATIONS:
-        raise ConfigError(f"{META_FILE}: interpolation={meta.get('interpolation')!r} is not one of "
-                          f"{', '.join(INTERPOLATIONS)}.")
-    for key in ("mean", "std"):
-        values = meta.get(key)
-        if not (isinstance(values, (list, tuple)) and len(values) == 3):
-            raise ConfigError(f"{META_FILE}: {key}={values!r} needs one value per RGB channel (3 numbers).")
-    if any(float(s) <= 0 for s in meta["std"]):
-        raise ConfigError(f"{META_FILE}: std={meta['std']!r} must be positive.")
-    if not float(meta.get("temperature", 1.0)) > 0:
-        raise ConfigError(f"{META_FILE}: temperature={meta['temperature']!r} must be a positive number.")
-    if int(meta.get("image_size") or 0) <= 0 or not meta.get("classes"):
-        raise ConfigError(f"{META_FILE}: needs a positive image_size and a list of classes, got "
-                          f"image_size={meta.get('image_size')!r}, classes={meta.get('classes')!r}.")
+def check_meta(meta: dict[str, Any], where: str = "this model", module=None) -> dict[str, Any]:
+    """Refuse preprocessing this code cannot reproduce, naming the model and the bad value (not one error per
+    image later): the rules of research/verify.py."""
+    return verify.model_meta(meta, where, module)
 
 
-def read_meta(model_dir: str | Path) -> dict[str, Any]:
+def read_meta(model_dir: str | Path, where: str | None = None) -> dict[str, Any]:
     """`<model_dir>/extra_files/model_meta.json`; models logged before it had them get bicubic and ImageNet mean/std."""
+    where = where or _loading.get() or str(model_dir)
     path = Path(model_dir) / "extra_files" / META_FILE
     if not path.is_file():
-        raise ConfigError(f"{model_dir} has no extra_files/{META_FILE}: it is not a model logged by research/train.py.")
-    meta = json.loads(path.read_text())
-    meta.setdefault("interpolation", "bicubic")
-    meta.setdefault("mean", list(IMAGENET_MEAN))
-    meta.setdefault("std", list(IMAGENET_STD))
+        raise ConfigError(f"{where} has no extra_files/{META_FILE}: it is not a model logged by research/train.py.")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: {META_FILE} is not valid JSON ({str(exc)[:80]}); register the model again from "
+                          "its run (python -m research promote --run RUN_ID --force), or restore the file.") from None
+    if isinstance(meta, dict):
+        meta.setdefault("interpolation", "bicubic")
+        meta.setdefault("mean", list(IMAGENET_MEAN))
+        meta.setdefault("std", list(IMAGENET_STD))
     return meta
 
 
@@ -137,7 +133,7 @@ class Classifier:
     def __init__(self, module, meta: dict[str, Any], device: str | None = None):
         import torch  # heavy; only a loaded model needs it
 
-        check_meta(meta)
+        check_meta(meta, _loading.get() or "this model", module)
         self.meta = meta
         self.classes: list[str] = list(meta["classes"])
         self.size = int(meta["image_size"])
@@ -234,6 +230,7 @@ def classifier_from_torch_dir(model_dir: str | Path, device: str | None = None) 
     import torch
 
     map_location = None if torch.cuda.is_available() else "cpu"  # a GPU-trained pickle on a CPU box
+    verify.model_files(model_dir, _loading.get() or str(model_dir))
     module = mlflow.pytorch.load_model(str(model_dir), map_location=map_location)
     return Classifier(module, read_meta(model_dir), device)
 
@@ -269,14 +266,27 @@ def load_model(uri: str):
         raise ConfigError(f"Cannot find model {uri!r} ({first_line(exc)}). Promote one first with "
                           f"`python -m research promote`, or list versions in `python -m research ui`.") from exc
     loader = info.flavors.get("python_function", {}).get("loader_module")
+    where = f"model {uri}" + (f" (run {info.run_id})" if getattr(info, "run_id", None) else "")
+    token = _loading.set(where)  # a damaged model's error names it, not the temporary folder it was loaded from
     # the download goes to a folder removed once the model is in memory: MLflow's own default is a new temp
     # folder per load that nobody removes (a copy of the weights in /tmp for every `predict`)
-    with tempfile.TemporaryDirectory(prefix="research-model-") as tmp:
-        if "pytorch" in info.flavors and loader == "mlflow.pytorch":
-            return ClassifierModel(classifier_from_torch_dir(mlflow.artifacts.download_artifacts(uri, dst_path=tmp)))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # stage URIs warn; they still resolve
-            return mlflow.pyfunc.load_model(uri, dst_path=tmp)
+    try:
+        with tempfile.TemporaryDirectory(prefix="research-model-") as tmp:
+            if "pytorch" in info.flavors and loader == "mlflow.pytorch":
+                local = mlflow.artifacts.download_artifacts(uri, dst_path=tmp)
+                return ClassifierModel(classifier_from_torch_dir(local))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # stage URIs warn; they still resolve
+                return mlflow.pyfunc.load_model(uri, dst_path=tmp)
+    except ConfigError:
+        raise
+    except Exception as exc:  # a file of the model missing or unreadable: name the model, not /tmp
+        text = first_line(exc).replace(tmp, "<model>") if "tmp" in locals() else first_line(exc)
+        raise ConfigError(f"{where} cannot be loaded: {type(exc).__name__}: {text}. A file of it is missing or "
+                          "damaged in the artifact store; register it again from its run (python -m research promote "
+                          "--run RUN_ID --force), or promote another run.") from exc
+    finally:
+        _loading.reset(token)
 
 
 def load_champion(name: str = MODEL_NAME, alias: str = CHAMPION):

@@ -52,6 +52,30 @@ def best_value(client, run, metric: str) -> float | None:
     return min(history) if minimise(metric) else max(history)
 
 
+SELECTED = "selected_"  # `selected_<metric>`: the metric at the epoch whose weights the run kept (research/train.py)
+
+
+def selection_value(client, run, metric: str) -> float | None:
+    """The run's `metric` where its weights come from, the figure to rank and gate on; None when it has none.
+
+    A trained run keeps the epoch that val macro F1 chose and logs every val metric of that epoch as
+    `selected_<metric>`: its best val_loss may sit at another epoch, whose weights were not kept. A run logged
+    before that: the metric at step `best_epoch`. An ensemble has no val loss to compare (research/ensemble.py:
+    its members' temperatures were fitted on that val). Anything else (one value per metric, logged by hand):
+    its best value."""
+    metrics, tags = run.data.metrics, run.data.tags
+    if SELECTED + metric in metrics:
+        return metrics[SELECTED + metric]
+    if "ensemble_of" in tags and minimise(metric):
+        return None
+    if "best_epoch" in metrics and metric in metrics:
+        at = [m.value for m in client.get_metric_history(run.info.run_id, metric)
+              if m.step == int(metrics["best_epoch"]) and not math.isnan(m.value)]
+        if at:
+            return at[-1]
+    return best_value(client, run, metric)
+
+
 @contextlib.contextmanager
 def database_lock(url: str, key: str) -> Iterator[bool]:
     """An exclusive lock named `key` among the processes sharing the database at `url`; yields whether one is held.

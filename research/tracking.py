@@ -303,6 +303,14 @@ def git_tags() -> dict[str, str]:
     return {"mlflow.source.git.commit": commit, "git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
 
 
+def process_tags() -> dict[str, str]:
+    """The process that writes a run (pid and start time, beside the `host` tag): `gc` tells a run whose process
+    was killed (it stays RUNNING) from one still being written."""
+    import psutil
+
+    return {"pid": str(os.getpid()), "process_started": f"{psutil.Process().create_time():.3f}"}
+
+
 def run_tags(device: str | None = None) -> dict[str, str]:
     tags = {"host": socket.gethostname(), **git_tags()}
     if device:

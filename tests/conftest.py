@@ -1,6 +1,6 @@
 """Shared fixtures: a private MLflow store and tracking home per test, small real images on disk,
 dataset versions (a session one built by `split`, a hand-written one of mixed image modes), two real
-trained runs in a module's private store."""
+trained runs (trained once per session) in a module's private copy of their store."""
 
 from __future__ import annotations
 
@@ -16,6 +16,47 @@ if TYPE_CHECKING:
     from research.config import TrainConfig
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# the npm styles' tarballs: one cache for every test, wherever it runs (the first build fetches them with npm,
+# as `make demo` does; later builds, here and in the demo, read them offline)
+os.environ.setdefault("RESEARCH_SOURCES_DIR", str(Path(__file__).resolve().parent.parent / "data" / "sources"))
+
+
+def npm_styles_ready() -> bool:
+    """The npm styles can be built here: npm is installed, or every pinned tarball is already in the cache."""
+    import shutil
+
+    from research.data.emoji import STYLES
+
+    cache = Path(os.environ["RESEARCH_SOURCES_DIR"])
+    return shutil.which("npm") is not None or all((cache / s.npm.tarball).is_file() for s in STYLES.values() if s.npm)
+
+
+# the embedded dataset's default build needs them; on a machine with neither, those tests say why they skip
+needs_npm_styles = pytest.mark.skipif(not npm_styles_ready(), reason="no npm and no cached npm tarballs in "
+                                      "data/sources: the default build of the embedded dataset needs them")
+
+
+# a test that reads one of these is slow: the fixture trains runs, runs studies or logs a store of runs first
+SLOW_FIXTURES = {"trained_store", "store", "studies", "logged", "left_out"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread in the test process, as its `python -m research` children have (tests/reliability): the
+    tests' tensors are tiny (32 px, batch 8), and a second OpenMP thread spin-waiting for a core that a worker,
+    a server or another job holds makes a step 3-4x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -190,7 +231,7 @@ def private_store(mp: pytest.MonkeyPatch, root: Path) -> str:
     import mlflow
 
     home = root / "mlruns"
-    home.mkdir(parents=True)
+    home.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{home / 'mlflow.db'}"
     mp.setenv("RESEARCH_MLRUNS", str(home))
     mp.setenv("MLFLOW_TRACKING_URI", uri)
@@ -201,9 +242,9 @@ def private_store(mp: pytest.MonkeyPatch, root: Path) -> str:
     return uri
 
 
-@pytest.fixture(scope="module")
-def store(tiny_version, tmp_path_factory):
-    """Two real training runs in the module's private store (tests/test_registry.py, tests/test_runs.py).
+@pytest.fixture(scope="session")
+def trained_store(tiny_version, tmp_path_factory) -> Store:
+    """Two real training runs, trained once per session into a store that no test opens: `store` copies it.
 
     resnet18, 32 px, on the session's tiny dataset version: `good` (2 epochs at lr 1e-3) and `weak` (1 epoch at
     a learning rate too small to learn).
@@ -212,11 +253,50 @@ def store(tiny_version, tmp_path_factory):
 
     from research.train import train
 
-    root = tmp_path_factory.mktemp("registry")
+    root = tmp_path_factory.mktemp("trained")
     with pytest.MonkeyPatch.context() as mp:
         uri = private_store(mp, root)
         good = train(tiny_cfg(tiny_version, root, run_name="good")).run_id
         weak = train(tiny_cfg(tiny_version, root, run_name="weak", epochs=1, lr=1e-7)).run_id
-        yield Store(uri, tiny_version, good, weak, root)
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+    return Store(uri, tiny_version, good, weak, root)
+
+
+def copy_store(template: Path, root: Path) -> None:
+    """A byte copy of a store's folder (sqlite, artifacts, the data/cache its runs wrote) whose database points at
+    the copy: every text value naming the template's folder (artifact locations, the checkpoint_dir param) is
+    rewritten, so nothing a test writes reaches the template or another module's copy."""
+    import shutil
+    import sqlite3
+
+    shutil.copytree(template, root, dirs_exist_ok=True, ignore=shutil.ignore_patterns("mlflow.db*"))
+    old, new = str(template), str(root)
+    src, db = sqlite3.connect(template / "mlruns" / "mlflow.db"), sqlite3.connect(root / "mlruns" / "mlflow.db")
+    try:
+        src.backup(db)
+        for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+            for column in [c[1] for c in db.execute(f'PRAGMA table_info("{table}")')
+                           if "CHAR" in c[2].upper() or "TEXT" in c[2].upper()]:
+                db.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) WHERE "{column}" LIKE ?',
+                           (old, new, f"%{old}%"))
+        db.commit()
+    finally:
+        src.close()
+        db.close()
+
+
+@pytest.fixture(scope="module")
+def store(trained_store, tmp_path_factory):
+    """The session's two trained runs (`trained_store`) in the module's own copy of their store
+    (tests/test_registry.py, test_runs.py, test_ensemble.py, test_calibration.py): a module registers, tags and
+    adds runs there without another module seeing it."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("registry")
+    copy_store(trained_store.workdir, root)
+    with pytest.MonkeyPatch.context() as mp:
+        uri = private_store(mp, root)
+        yield Store(uri, trained_store.version, trained_store.good, trained_store.weak, root)
         while mlflow.active_run() is not None:
             mlflow.end_run()

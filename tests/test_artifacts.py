@@ -57,6 +57,7 @@ def white_png() -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+@pytest.mark.slow
 def test_a_run_stores_its_weights_once_and_promote_adds_no_copy(tiny_version, mlflow_store, tmp_path):
     from research.train import train
 
@@ -117,6 +118,7 @@ def test_a_study_keeps_the_weights_of_its_top_k_trials_and_the_champion(tiny_ver
     assert out["error"].iloc[0] == ""
 
 
+@pytest.mark.slow
 def test_gc_frees_deleted_runs_and_stale_checkpoints_but_keeps_resumable_ones(tiny_version, mlflow_store, tmp_path,
                                                                               monkeypatch, capsys):
     from research.train import train

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from research.eda import run_eda
 
 
+@pytest.mark.slow
 def test_eda_writes_plots_summary_and_logs(make_tree, tmp_path, mlflow_store):
     from mlflow import MlflowClient
 

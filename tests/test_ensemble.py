@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from research.cli import main
 from research.config import ConfigError
 from research.ensemble import Ensemble
 from research.predict import evaluate_served
-from research.registry import CHAMPION, promote
+from research.registry import CHAMPION, Champion, PromotionRefused, gate, pick_run, promote
 from tests.conftest import EXPERIMENT
+from tests.test_calibration import assert_temperature_fitted_on_val
 
 
 def test_an_ensemble_of_two_runs_is_registered_and_serves_its_logged_figures(store, tmp_path):
@@ -24,6 +26,9 @@ def test_an_ensemble_of_two_runs_is_registered_and_serves_its_logged_figures(sto
     run = client.get_run(p.run_id)
     assert set(run.data.tags["ensemble_of"].split(",")) == {store.good, store.weak}
     assert p.run_id not in (store.good, store.weak) and "val_f1_macro" in run.data.metrics
+    # ranked and gated on its val macro F1, never on a val loss measured at temperatures fitted on that val
+    assert p.metric == "val_f1_macro" and p.score == run.data.metrics["selected_val_f1_macro"]
+    assert "selected_val_loss" not in run.data.metrics
 
     out = evaluate_served(f"models:/ens@{CHAMPION}", str(store.version))
     assert out["equal"] is True and out["mismatched_images"] == [] and out["run_id"] == p.run_id
@@ -33,6 +38,7 @@ def test_an_ensemble_of_two_runs_is_registered_and_serves_its_logged_figures(sto
                                                                 dst_path=str(tmp_path))).read_text())
     metrics = run.data.metrics
     assert meta["temperature"] == metrics["temperature"] != 1.0
+    assert_temperature_fitted_on_val(p.run_id, store.version, tmp_path / "val")  # the NLL minimiser on its val
     assert {"val_ece", "val_ece_uncalibrated", "test_ece", "test_ece_uncalibrated"} <= set(metrics)
     assert "reliability_test.png" in {f.path for f in client.list_artifacts(p.run_id)}
 
@@ -52,3 +58,25 @@ def test_an_ensemble_larger_than_the_scope_is_refused(store, capsys):
         promote(experiment=EXPERIMENT, ensemble=5, name="ens-big")
     assert main(["promote", "--run", store.good, "--ensemble", "2", "--name", "ens-big"]) == 2
     assert "not --run" in capsys.readouterr().err
+
+
+def test_an_ensemble_is_never_ranked_or_gated_on_a_val_loss(store, capsys):
+    """Its val loss is measured at temperatures fitted on that same val, a single run's at temperature 1."""
+    client = mlflow.MlflowClient()
+    before = {r.info.run_id for r in client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])}
+    with pytest.raises(ConfigError, match="--metric 'val_loss': an ensemble's val loss.*not comparable"):
+        promote(experiment=EXPERIMENT, ensemble=2, metric="val_loss", name="ens-loss")
+    assert main(["promote", "--experiment", EXPERIMENT, "--ensemble", "2", "--metric", "val_loss",
+                 "--name", "ens-loss"]) == 2
+    assert "use --metric val_f1_macro" in capsys.readouterr().err
+    after = {r.info.run_id for r in client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])}
+    assert after == before  # refused before any ensemble was built
+
+    # a champion that is an ensemble (registered before this rule) is not compared with a run on a val loss
+    champ = Champion("3", "e" * 32, "val_loss", 0.1, "d", "tiny", None, None, ensemble=True)
+    cand = pick_run(client, run_id=store.good, metric="val_loss")
+    with pytest.raises(PromotionRefused, match="Not comparable.*the champion is an ensemble") as refused:
+        gate(champ, cand, "ens-loss")
+    assert refused.value.comparable is False
+    on_f1 = dataclasses.replace(champ, metric="val_f1_macro", score=0.0, dataset_digest=cand.dataset_digest)
+    gate(on_f1, dataclasses.replace(cand, metric="val_f1_macro"), "ens-f1")  # on macro F1 they compare: it beats 0

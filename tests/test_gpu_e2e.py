@@ -20,7 +20,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gpu-e2e")
-    env = dict(os.environ, OUT_DIR=str(tmp / "results"), TMPDIR=str(tmp), PYTHON=sys.executable)
+    # one torch thread per command, as tests/reliability's children: on 2 busy cores a second OpenMP thread
+    # spin-waits for a core another process holds (the smoke's figures are only checked to be measured)
+    env = dict(os.environ, OUT_DIR=str(tmp / "results"), TMPDIR=str(tmp), PYTHON=sys.executable,
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RESEARCH_MLRUNS"):
         env.pop(key, None)  # the script must set its own store, whatever the caller's environment says
     out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_e2e.sh"), "--smoke"], cwd=tmp, env=env,

@@ -35,6 +35,7 @@ def log_files(home: Path) -> list[Path]:
     return sorted((home / "logs").glob("*.log"))
 
 
+@pytest.mark.slow
 def test_mlflow_info_lines_go_to_the_log_file_not_the_terminal(tmp_path):
     done = research(["runs"], tmp_path)
     assert done.returncode == 0, done.stderr
@@ -48,6 +49,7 @@ def test_mlflow_info_lines_go_to_the_log_file_not_the_terminal(tmp_path):
     assert "lines hidden" not in done.stderr  # routine INFO lines alone: no pointer line
 
 
+@pytest.mark.slow
 def test_verbose_before_the_command_shows_them(tmp_path):
     done = research(["-v", "runs"], tmp_path)
     assert done.returncode == 0, done.stderr
@@ -57,6 +59,7 @@ def test_verbose_before_the_command_shows_them(tmp_path):
     assert NEW_STORE in log.read_text()  # the file keeps them as well
 
 
+@pytest.mark.slow
 def test_verbose_after_the_command_shows_them(mlflow_store, tmp_path, capsys):
     assert main(["runs", "--verbose"]) == 0
     err = capsys.readouterr().err
@@ -64,6 +67,7 @@ def test_verbose_after_the_command_shows_them(mlflow_store, tmp_path, capsys):
     assert "lines hidden" not in err
 
 
+@pytest.mark.slow
 def test_a_real_error_still_prints_and_says_where_the_log_is(mlflow_store, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["runs", "--experiment", "nope"]) == 2
@@ -74,6 +78,7 @@ def test_a_real_error_still_prints_and_says_where_the_log_is(mlflow_store, tmp_p
     assert NEW_STORE in (tmp_path / shown).read_text()
 
 
+@pytest.mark.slow
 def test_old_logs_are_pruned_and_logging_is_restored(mlflow_store, tmp_path, capsys):
     folder = tmp_path / "mlruns" / "logs"
     folder.mkdir()

@@ -40,6 +40,7 @@ def odd_images(first: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_predict_directory_reports_corrupt_file_and_matches_pyfunc(mlflow_store, tmp_path, capsys, monkeypatch):
     name = "clf-predict"
     run_id = log_tiny_model(tmp_path / "meta")
@@ -72,6 +73,7 @@ def test_predict_directory_reports_corrupt_file_and_matches_pyfunc(mlflow_store,
     assert "unreadable" in table and "a.png" in table
 
 
+@pytest.mark.slow
 def test_unreadable_file_is_a_row_not_a_crash(mlflow_store, tmp_path):
     run_id = log_tiny_model(tmp_path / "meta")
     good = odd_image(tmp_path / "good.png")
@@ -82,6 +84,7 @@ def test_unreadable_file_is_a_row_not_a_crash(mlflow_store, tmp_path):
     assert out["label"][1] == "" and out["top3"][1] == []
 
 
+@pytest.mark.slow
 def test_predict_missing_model_and_missing_path_are_clear(mlflow_store, tmp_path, capsys):
     img = tmp_path / "x.png"
     Image.new("RGB", (8, 8)).save(img)

@@ -67,6 +67,7 @@ def training_probabilities(store: Store, run_id: str) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ promote + load
 
+@pytest.mark.slow
 def test_promote_then_load_by_alias_stage_and_version_matches_training(store):
     name = "clf-load"
     p = promote(run_id=store.good, name=name)
@@ -100,6 +101,19 @@ def test_promote_then_load_by_alias_stage_and_version_matches_training(store):
     assert isinstance(torch_module, torch.nn.Module)
     torch_module.train()
     assert sum(p.requires_grad for p in torch_module.parameters()) > 0
+
+
+def test_a_trained_run_logs_the_val_figures_of_the_epoch_whose_weights_it_kept(store):
+    """selected_<metric>: what promote ranks and gates on, whichever val metric (tests/test_honest_numbers.py)."""
+    client = mlflow.MlflowClient()
+    for run_id in (store.good, store.weak):
+        run = client.get_run(run_id)
+        f1 = {m.step: m.value for m in client.get_metric_history(run_id, "val_f1_macro")}
+        chosen = int(run.data.metrics["best_epoch"])
+        assert chosen == min(e for e, v in f1.items() if v == max(f1.values()))  # the first epoch at the best F1
+        for key in ("val_loss", "val_accuracy", "val_precision_macro", "val_recall_macro", "val_f1_macro"):
+            at = [m.value for m in client.get_metric_history(run_id, key) if m.step == chosen]
+            assert run.data.metrics[f"selected_{key}"] == at[-1], key
 
 
 def by_val(store) -> tuple[str, str]:

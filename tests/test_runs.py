@@ -106,6 +106,7 @@ def test_runs_leaderboard_ranks_by_best_val_f1(store, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("width", [80, 160])
+@pytest.mark.slow
 def test_runs_table_fits_the_terminal_with_whole_values(logged, capsys, monkeypatch, width):
     out = runs_out(capsys, monkeypatch, width)
     assert "…" not in out

@@ -2,7 +2,8 @@
 tiny dataset.
 
 The spec's own base config, search space, sampler, pruner and enqueued trials are kept; only what sizes the
-run for a test changes (see `sized_overrides`). A spec added later is picked up by the glob.
+run for a test changes (see `sized_overrides`). A distillation spec's teacher is a 1-epoch run registered under
+the name its `teacher` URI names (`register_teacher`). A spec added later is picked up by the glob.
 """
 
 from __future__ import annotations
@@ -41,9 +42,27 @@ def sized_overrides(path: Path, version: Path, checkpoint_dir: Path) -> dict:
     }
 
 
+def register_teacher(uri: str, version: Path, tmp_path: Path) -> str:
+    """A distillation spec's teacher, made for the test: a 1-epoch resnet18 on the tiny version, registered under the
+    name (and alias) the spec's `teacher` URI names. Returns its run id."""
+    from research.inputs.teacher import parse_uri
+    from research.registry import promote
+    from research.train import train
+    from tests.conftest import tiny_cfg
+
+    name, kind, ref = parse_uri(uri)
+    run_id = train(tiny_cfg(version, tmp_path, epochs=1, experiment="teacher")).run_id
+    registered = promote(run_id=run_id, name=name)
+    if kind == "alias":
+        mlflow.MlflowClient().set_registered_model_alias(name, ref, registered.version)
+    return run_id
+
+
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_shipped_spec_runs_one_trial(path, tiny_version, mlflow_store, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the stored images and features (data/cache/) land in the test's folder
+    teacher = load_spec(path).base.get("teacher")
+    teacher_run = register_teacher(teacher, tiny_version, tmp_path) if teacher else None
     spec = load_spec(path, sized_overrides(path, tiny_version, tmp_path / "ckpt"))
     storage = f"journal:{tmp_path / 'study.journal'}"
     summary = sweep(spec, storage)
@@ -55,3 +74,4 @@ def test_shipped_spec_runs_one_trial(path, tiny_version, mlflow_store, tmp_path,
         run = mlflow.MlflowClient().get_run(trial.user_attrs["mlflow_run_id"])
         assert run.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
         assert run.info.status == "FINISHED" and "val_f1_macro" in run.data.metrics
+        assert run.data.params.get("teacher.run_id") == teacher_run  # a distillation spec's student names its teacher

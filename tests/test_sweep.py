@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -21,7 +19,7 @@ def tiny_spec(version_dir, tmp_path, **changes) -> SweepSpec:
     data = {
         "study_name": "tiny",
         "n_trials": 4,
-        "base": {"model": "resnet18", "dataset": str(version_dir), "image_size": 32, "epochs": 3, "batch_size": 8,
+        "base": {"model": "resnet18", "dataset": str(version_dir), "image_size": 32, "epochs": 2, "batch_size": 8,
                  "checkpoint_dir": str(tmp_path / "ckpt"), "device": "cpu", "lr_schedule": "constant"},
         "space": {"lr": {"type": "float", "low": 1e-4, "high": 0.2, "log": True},
                   "sampler": {"type": "categorical", "choices": ["shuffle", "weighted"]}},
@@ -51,6 +49,7 @@ def test_empty_space_is_an_error(tmp_path):
         config_mod.from_dict(SweepSpec, {"base": {}, "space": {"lrr": {"type": "float", "low": 1, "high": 2}}})
 
 
+@pytest.mark.slow
 def test_study_nests_trials_and_resumes(tiny_version, mlflow_store, tmp_path):
     storage = f"journal:{tmp_path / 'study.journal'}"
     first = {"lr": 0.05, "sampler": "weighted"}
@@ -73,6 +72,9 @@ def test_study_nests_trials_and_resumes(tiny_version, mlflow_store, tmp_path):
         assert child.data.tags["optuna_state"] == states[number]
         assert child.info.status == {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}[states[number]]
         assert "val_f1_macro" in child.data.metrics and "lr" in child.data.params
+        if states[number] == "COMPLETE":  # the objective is the kept epoch's figure, the one promote ranks on
+            assert child.data.metrics["objective"] == child.data.metrics["selected_val_f1_macro"]
+            assert trials[number].value == child.data.metrics["objective"]
     plots = {f.path for f in client.list_artifacts(parent.info.run_id, "plots")}
     assert "plots/optimization_history.png" in plots
     assert parent.data.metrics["n_complete"] + parent.data.metrics.get("n_pruned", 0) == 4
@@ -84,6 +86,7 @@ def test_study_nests_trials_and_resumes(tiny_version, mlflow_store, tmp_path):
     assert sum(t.params == first for t in study.get_trials()) == 1  # enqueued once, when the study was new
 
 
+@pytest.mark.slow
 def test_two_workers_finish_exactly_n_trials(tiny_version, mlflow_store, tmp_path):
     storage = f"journal:{tmp_path / 'study.journal'}"
     spec = tiny_spec(tiny_version, tmp_path, n_trials=5, study_name="two", base={"epochs": 1},
@@ -98,21 +101,23 @@ def test_two_workers_finish_exactly_n_trials(tiny_version, mlflow_store, tmp_pat
     assert len({c.data.tags.get("host", "") + c.data.tags["optuna_trial"] for c in children}) == 5
 
 
-def test_cli_runs_a_spec(tiny_version, mlflow_store, tmp_path):
+@pytest.mark.slow
+def test_cli_runs_a_spec(tiny_version, mlflow_store, tmp_path, capsys):
+    from research.cli import main  # in this process: the command's parsing and output (its processes: test_logs.py)
+
     spec_file = tmp_path / "s.yaml"
     import yaml
 
     data = config_mod.to_dict(tiny_spec(tiny_version, tmp_path, n_trials=1, study_name="cli", base={"epochs": 1}))
     spec_file.write_text(yaml.safe_dump(data))
-    out = subprocess.run([sys.executable, "-m", "research", "sweep", str(spec_file), "--storage",
-                          f"journal:{tmp_path / 'cli.journal'}"], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "python -m research promote --study cli\n" in out.stdout
+    assert main(["sweep", str(spec_file), "--storage", f"journal:{tmp_path / 'cli.journal'}"]) == 0
+    assert "python -m research promote --study cli\n" in capsys.readouterr().out
 
 
 
 
 @pytest.mark.parametrize("where", ["base", "space", "enqueue"])
+@pytest.mark.slow
 def test_a_missing_dataset_version_stops_the_sweep_before_any_study_or_run(where, tiny_version, mlflow_store, tmp_path):
     missing = str(tmp_path / "versions" / "v9")
     changes = {"base": {"dataset": missing}} if where == "base" else {

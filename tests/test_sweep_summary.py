@@ -4,6 +4,7 @@ added as they finished (no training), its real MLflow parent run, `summarize` as
 from __future__ import annotations
 
 import mlflow
+import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -17,6 +18,7 @@ DISTRIBUTIONS = {"lr": FloatDistribution(1e-4, 0.2, log=True),
                  "sampler": CategoricalDistribution(["shuffle", "weighted"])}
 
 
+@pytest.mark.slow
 def test_summary_is_in_words_with_the_next_commands(mlflow_store, tmp_path, capsys):
     spec = config_mod.from_dict(SweepSpec, {
         "study_name": "words", "n_trials": 5, "base": {"model": "resnet18"},

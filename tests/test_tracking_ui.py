@@ -17,6 +17,7 @@ from tests.test_sweep import tiny_spec
 ML_VIEW = "?workflowType=machine_learning"
 
 
+@pytest.mark.slow
 def test_new_and_existing_experiments_open_on_training_runs(mlflow_store):
     client = mlflow.MlflowClient()
     view = f"mlflow.sharedViewState.{tracking.VIEW_KEY}"
@@ -34,6 +35,7 @@ def test_new_and_existing_experiments_open_on_training_runs(mlflow_store):
     assert client.get_experiment(chosen).tags[tracking.KIND_TAG] == "genai_development"  # a user's choice stays
 
 
+@pytest.mark.slow
 def test_ui_urls_point_at_the_local_ui_or_the_tracking_server(mlflow_store, monkeypatch):
     ui = argparse.ArgumentParser()
     runs.add_arguments(ui, "ui")
@@ -57,6 +59,7 @@ def test_ui_urls_point_at_the_local_ui_or_the_tracking_server(mlflow_store, monk
     assert tracking.ui_line(url) == f"UI: {url}"  # a server runs already: no note
 
 
+@pytest.mark.slow
 def test_train_command_ends_with_its_run_url(tiny_version, mlflow_store, tmp_path, capsys):
     code = cli.main(["train", "--dataset", str(tiny_version), "--model", "resnet18", "--image-size", "32",
                      "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--experiment", "ui-train",
@@ -68,6 +71,7 @@ def test_train_command_ends_with_its_run_url(tiny_version, mlflow_store, tmp_pat
     assert f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}{ML_VIEW}" in last
 
 
+@pytest.mark.slow
 def test_study_parent_run_carries_its_best_trial_and_commands_end_with_urls(tiny_version, mlflow_store, tmp_path,
                                                                           capsys):
     spec = tiny_spec(tiny_version, tmp_path, n_trials=2, base={"epochs": 1}, pruner={"name": "none"})

@@ -29,11 +29,21 @@ def artifact_paths(client, run_id, path=""):
     return out
 
 
-def test_two_epoch_run_logs_params_metrics_artifacts(tiny_version, mlflow_store, tmp_path):
+@pytest.mark.slow
+def test_two_epoch_run_logs_params_metrics_artifacts(tiny_version, mlflow_store, tmp_path, monkeypatch):
+    import research.train as train_mod
+
+    # scripted val figures: epoch 1 has the better macro F1 (its weights are kept), epoch 2 the lower val loss
+    scripted = {1: {"val_f1_macro": 0.7, "val_loss": 0.9}, 2: {"val_f1_macro": 0.5, "val_loss": 0.1}}
+    run_epoch = train_mod.run_epoch
+    monkeypatch.setattr(train_mod, "run_epoch", lambda parts, epoch, *a: run_epoch(parts, epoch, *a) | scripted[epoch])
     result = train(tiny_cfg(tiny_version, tmp_path))
     client = mlflow.MlflowClient()
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
+    # the selection figures are the kept epoch's, not each metric's best over epochs
+    assert run.data.metrics["best_epoch"] == 1 and run.data.metrics["selected_val_f1_macro"] == 0.7
+    assert run.data.metrics["selected_val_loss"] == 0.9
     for key in REQUIRED_PARAMS:
         assert key in run.data.params, key
     assert run.data.params["model"] == "resnet18" and run.data.params["loss"] == "focal"
@@ -63,6 +73,7 @@ def test_two_epoch_run_logs_params_metrics_artifacts(tiny_version, mlflow_store,
         (tiny_version / "version.json").read_text())["classes"])
 
 
+@pytest.mark.slow
 def test_interrupt_and_resume_matches_uninterrupted(tiny_version, mlflow_store, tmp_path):
     full = train(tiny_cfg(tiny_version, tmp_path, epochs=3, run_name="full"))
 
@@ -101,12 +112,14 @@ def test_bad_choices_name_the_valid_ones(tiny_version, tmp_path):
         config_mod.from_dict(TrainConfig, {"learning_rate": 0.1})
 
 
+@pytest.mark.slow
 def test_missing_version_names_the_split_command(mlflow_store, tmp_path):
     cfg = tiny_cfg(tmp_path / "nope", tmp_path, dataset="v9", data_root=str(tmp_path))
     with pytest.raises(ConfigError, match="research split"):
         train(cfg)
 
 
+@pytest.mark.slow
 def test_batch_larger_than_train_set(tiny_version, mlflow_store, tmp_path):
     with pytest.raises(ConfigError, match="batch_size=100000"):
         train(tiny_cfg(tiny_version, tmp_path, batch_size=100000))
@@ -120,6 +133,7 @@ def lite_cfg(version_dir, tmp_path, **changes) -> TrainConfig:
                                              "lr": 3e-3, "loss": "ce", "sampler": "shuffle", "epochs": 3, **changes})
 
 
+@pytest.mark.slow
 def test_features_loader_trains_the_head_on_stored_embeddings(tiny_version, mlflow_store, tmp_path, monkeypatch):
     """loader=features: the trunk is embedded once, only the head trains, the logged model is whole
     and gives on images what the head gave on the features."""
@@ -154,21 +168,21 @@ def test_features_loader_trains_the_head_on_stored_embeddings(tiny_version, mlfl
     assert isinstance(mlflow.pytorch.load_model(f"runs:/{first.run_id}/model").trunk, torch.nn.Module)
 
 
-def test_freeze_epochs_hold_the_trunk_and_its_batch_norm_then_release_it(tiny_version, mlflow_store, tmp_path):
+@pytest.mark.slow
+def test_freeze_epochs_hold_the_trunk_and_its_batch_norm_then_release_it(tiny_version, mlflow_store, tmp_path,
+                                                                          monkeypatch):
     import torch
 
+    import research.train as train_mod
     from research import models
 
     reference = models.build_model("efficientnet_lite0", 4, pretrained=True).trunk.state_dict()
-    seen = {}
+    seen, built = {}, []
+    build_parts = train_mod.build_parts
+    monkeypatch.setattr(train_mod, "build_parts", lambda cfg: built.append(build_parts(cfg)) or built[-1])
 
-    def snapshot(epoch, row):
-        import gc
-
-        for obj in gc.get_objects():  # the live model of this run
-            if (isinstance(obj, models.TrunkHead)
-                    and obj.trunk.bn1.running_mean.shape == reference["bn1.running_mean"].shape):
-                seen[epoch] = {k: v.clone() for k, v in obj.trunk.state_dict().items()}
+    def snapshot(epoch, row):  # the live model of this run (not any other lite0 an earlier test left in memory)
+        seen[epoch] = {k: v.clone() for k, v in built[0].model.trunk.state_dict().items()}
 
     train(lite_cfg(tiny_version, tmp_path, epochs=2, freeze_epochs=1, layer_decay=0.8, head_lr_scale=5.0),
           on_epoch=snapshot)
@@ -179,6 +193,7 @@ def test_freeze_epochs_hold_the_trunk_and_its_batch_norm_then_release_it(tiny_ve
     assert not torch.equal(released["bn1.running_mean"], reference["bn1.running_mean"])
 
 
+@pytest.mark.slow
 def test_ema_weights_are_the_ones_evaluated_and_logged(tiny_version, mlflow_store, tmp_path):
     """With ema_decay the kept checkpoint is the EMA's (not the raw weights), and the logged model holds it."""
     import torch

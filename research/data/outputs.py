@@ -9,7 +9,15 @@ Every command that writes files goes through this module, and nothing else decid
   path, symlinks resolved, strictly inside `out` (a class name `../../raw/x` from a CSV never leaves it);
 - `remove_own(folder, stage)` for every folder it deletes or replaces: it deletes only the files the stage's
   marker lists (what it wrote), and refuses, naming them, when the folder holds anything else;
-- `plain_name(value, what)` for every name read from a CSV (a class, a file name) before it becomes a path.
+- `plain_name(value, what)` for every name read from a CSV (a class, a file name) before it becomes a path;
+- `claim(out, stage)` in a `@holding` function, right after its checks (or `with writing(out, stage)`):
+  one lock per output folder (or file), so two commands never write one output at once; the second is refused
+  with the holder's command, pid and host (a cache's builder waits instead). The lock is a hidden file beside
+  the output, `.<name>.lock`, held with flock (released by the kernel when its process dies) and removed by
+  its holder at the end.
+
+A symlink on the way to an output that leads nowhere is refused before any work (`check_folder`, `check_file`,
+`output_path`, `writing`): writing through it would create its target wherever it points, or fail late.
 
 Each stage's folder carries a `.research-stage` marker: JSON with the stage and, for the stages that replace
 their folder (`data build`, `split`), the files it wrote. Folders written before markers existed, or before
@@ -19,18 +27,25 @@ stage's own index (`INDEXES`: the version's manifest.csv, the build's labels.csv
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import fcntl
+import functools
 import json
 import os
 import re
+import socket
+import sys
+import time
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from research.errors import ConfigError
 
 MARKER = ".research-stage"
-COMMANDS = {"build": "data build", "scan": "data scan", "eda": "eda", "clean": "clean", "split": "split",
-            "report": "report"}
+COMMANDS = {"build": "data build", "sources": "data build", "scan": "data scan", "eda": "eda", "clean": "clean",
+            "split": "split", "report": "report", "cache": "train (its data cache)"}
 SIGNATURES = {
     "build": ("labels.csv", "ATTRIBUTION.md"),
     "eda": ("summary.json", "formats.csv"),
@@ -210,6 +225,8 @@ def output_path(out: str | Path, rel: str) -> Path:
     if parts[-1] == MARKER or parts[-1].startswith(MARKER + ".tmp-"):
         raise ConfigError(f"{rel!r}: {MARKER} is the stage's marker, never written as a file; rename that file.")
     path = out.joinpath(*parts)
+    for step in (path, *path.parents[: len(parts)]):  # the file and its folders up to `out`, `out` included
+        _check_link(step, out)
     real, home = path.resolve(), out.resolve()
     if home not in real.parents:
         raise ConfigError(f"{path} resolves to {real}, outside the output folder {out} (a symlink on the way); "
@@ -258,8 +275,18 @@ def _shown(out: Path) -> str:
     return str(out) if real == out.absolute() else f"{out} (= {real})"
 
 
+def _check_link(path: Path, out: Path) -> None:
+    """Refuse a symlink that leads nowhere: a write would create its target wherever it points, or fail late."""
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"{path} is a symlink to {os.readlink(path)}, which does not exist, on the way to the "
+                          f"output {out}; nothing was written. Remove the link (or create what it points to), or "
+                          "choose another --out.")
+
+
 def _check_place(stage: str, out: Path, sources: Iterable[str | Path]) -> None:
-    """Not inside a source nor containing one; not inside a stage's output."""
+    """No dangling symlink on the way; not inside a source nor containing one; not inside a stage's output."""
+    for step in (out, *out.absolute().parents):
+        _check_link(step, out)
     real = out.resolve()
     for source in sources:
         src = Path(source).resolve()
@@ -307,3 +334,130 @@ def _is_source_tree(folder: Path) -> bool:
 
 def _command(stage: str) -> str:
     return f"python -m research {COMMANDS.get(stage, stage)}"
+
+
+# ------------------------------------------------------------------------------ who writes an output now
+
+_held: dict[Path, int] = {}  # lock path -> nesting depth, in this process
+_claims: contextvars.ContextVar[contextlib.ExitStack | None] = contextvars.ContextVar("output_claims", default=None)
+
+
+def lock_path(out: str | Path) -> Path:
+    """The lock of output `out`: `.<name>.lock` beside it (symlinks resolved, so every spelling shares one)."""
+    real = Path(out).resolve()
+    return real.parent / f".{real.name}.lock"
+
+
+@contextlib.contextmanager
+def writing(out: str | Path, stage: str, wait: bool = False) -> Iterator[None]:
+    """Hold output `out`'s lock while `stage` writes it. Another process holding it: a ConfigError naming its
+    command, pid and host (`wait`: wait for it instead, as a cache's builders do). Re-entrant in one process.
+    Before the lock file is made beside `out`, that place is checked as an output is (no dangling link, not
+    inside another stage's output, not among a source's images), so a refused output leaves no trace."""
+    out = Path(out)
+    _check_place(stage, out, ())
+    path = lock_path(out)
+    if _is_source_tree(path.parent):
+        _check_not_among_images(stage, out)
+    if path in _held:
+        _held[path] += 1
+        try:
+            yield
+        finally:
+            _held[path] -= 1
+        return
+    fd = _take(path, out, stage, wait)
+    _held[path] = 1
+    try:
+        yield
+    finally:
+        del _held[path]
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # while still held: a waiter that opened it sees a stale inode and opens afresh
+        os.close(fd)
+
+
+def holding(fn: Callable) -> Callable:
+    """Decorator of a stage's function: the output locks it `claim`s are held until it returns."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            token = _claims.set(stack)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _claims.reset(token)
+
+    return call
+
+
+def claim(out: str | Path, stage: str) -> None:
+    """Take output `out`'s lock (`writing`) until the `@holding` function that calls this returns: one line
+    after the stage's checks, before its first write."""
+    stack = _claims.get()
+    if stack is None:
+        raise RuntimeError("outputs.claim() is called only inside a function decorated with @outputs.holding")
+    stack.enter_context(writing(out, stage))
+
+
+def _take(path: Path, out: Path, stage: str, wait: bool) -> int:
+    """An open descriptor of `path` holding its flock, with this process written in it as the holder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    told = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            if not wait:
+                os.close(fd)
+                raise ConfigError(f"{stage}: {out} is being written now by {holder}; two commands writing one "
+                                  "output would mix their files. Wait for it to end (or stop it), or choose another "
+                                  "--out.") from None
+            if not told:
+                print(f"waiting for {holder}, which writes {out}", file=sys.stderr)
+                told = True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder removed it as we waited: take the file that is there now
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"stage": stage, "pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.time(), "argv": sys.argv[1:6]}).encode())
+        return fd
+
+
+def remove_stale_locks(folder: Path) -> None:
+    """Remove the lock files in `folder` that no process holds (a killed holder leaves its file behind)."""
+    for path in Path(folder).glob(".*.lock"):
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                path.unlink()  # held: a process that opened it meanwhile sees a stale inode and opens afresh
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    """Who holds a lock, in words, from what it wrote in the file."""
+    try:
+        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        since = time.strftime("%H:%M:%S", time.localtime(float(data["since"])))
+        return (f"`{_command(str(data['stage']))}` (pid {int(data['pid'])} on host {data['host']}, since {since})")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (it has just started)"

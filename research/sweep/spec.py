@@ -240,8 +240,12 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 def base_config(spec: SweepSpec) -> TrainConfig:
+    from research import inputs
+
     try:
-        return config_mod.from_dict(TrainConfig, spec.base, prefix="base.")
+        base = config_mod.from_dict(TrainConfig, spec.base, prefix="base.")
+        inputs.route(base)  # the input route's own checks (e.g. trainable_stages only on stored features)
+        return base
     except ConfigError as exc:
         raise ConfigError(f"sweep spec base: {exc}") from exc
 

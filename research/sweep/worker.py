@@ -170,7 +170,7 @@ def frozen_trial(study: optuna.Study, number: int) -> FrozenTrial:
 def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, base: TrainConfig,
               parent: str) -> tuple[TrialState, float | None]:
     """Train one trial's config as a child run of `parent`; its state and objective value (None unless COMPLETE)."""
-    metric, maximize = spec.objective.metric, spec.objective.direction == "maximize"
+    metric = spec.objective.metric
     params = suggest(trial, spec.space)
     worker = os.environ.get("RESEARCH_WORKER")
     console.print(f"{f'[{worker}] ' if worker else ''}study {spec.study_name}: trial #{trial.number} "
@@ -206,8 +206,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, base: T
         if run_id:
             mlflow.MlflowClient().set_tag(run_id, "optuna_state", "FAIL")
         return TrialState.FAIL, None
-    values = [row[metric] for row in result.history]
-    value = max(values) if maximize else min(values)
+    # the objective is the metric at the epoch whose weights the run keeps (val macro F1 chose it), the figure
+    # promote ranks on: another epoch's best val loss belongs to weights that were not kept
+    value = next(row[metric] for row in result.history if int(row["epoch"]) == result.best_epoch)
     client = mlflow.MlflowClient()
     client.set_tag(result.run_id, "optuna_state", "COMPLETE")
     client.log_metric(result.run_id, "objective", value)  # what the study ranks by, e.g. for keep_top_k
@@ -217,6 +218,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, base: T
 
 def sweep(spec: SweepSpec, storage_url: str | None = None, workers: int = 1, spec_path: str | None = None) -> dict:
     """Run the study with `workers` processes (1 = this process), then summarise it."""
+    check_workers(workers)
     t0 = time.time()
     if workers <= 1:
         run_worker(spec, storage_url, spec_path)
@@ -225,6 +227,20 @@ def sweep(spec: SweepSpec, storage_url: str | None = None, workers: int = 1, spe
     wall = time.time() - t0
     console.print(f"study {spec.study_name} took {wall:.0f}s")
     return summarize(spec, storage_url, spec_path) | {"wall_seconds": wall}
+
+
+def check_workers(workers: int, cores: int | None = None) -> None:
+    """1 <= workers <= this machine's cores: each worker is a process that needs a core of its own (to train
+    on, or to feed its GPU); more would only queue on the cores and slow every trial down."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if workers < 1:
+        raise ConfigError(f"--workers {workers}: a study needs at least one worker process; use --workers 1 (this "
+                          f"process) up to {cores} (one per core of this machine).")
+    if workers > cores:
+        raise ConfigError(f"--workers {workers}: this machine has {cores} core(s) available, and each worker "
+                          f"process needs one (to train, or to feed its GPU); use --workers {cores} or fewer, or "
+                          "start more workers on other machines (`sweep --storage postgresql://...`).")
 
 
 def visible_gpus() -> list[str]:

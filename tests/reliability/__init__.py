@@ -168,3 +168,43 @@ def child_runs(parent_run_id: str):
     client = mlflow.MlflowClient()
     exp = client.get_run(parent_run_id).info.experiment_id
     return client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=1000)
+
+
+def refused(argv: list, capsys) -> str:
+    """Run one command in this process (`research.cli.main`): it must exit 2 with one `error:` line and no
+    traceback (a `log:` line, or a library's own warning, may stand beside it); returns that line."""
+    from research.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (argv, code, err[-3000:])
+    return lines[0]
+
+
+def styled_clean_dir(root: Path, drawn: dict[str, dict[str, int]], size: int = 32) -> Path:
+    """A clean dir (manifest.csv with `style` and `group`, clean.json) over real drawings under root/src:
+    `drawn` is {class: {style: how many}}; each drawing its own group, as the embedded dataset's style:emoji."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from tests.conftest import draw_image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for c, (cls, styles) in enumerate(drawn.items()):
+        (root / "src" / cls).mkdir(parents=True)
+        for style, n in styles.items():
+            for i in range(n):
+                rel = f"{cls}/{style}_{i}.png"
+                draw_image(("circle", "square", "stripe")[c % 3], size, rng).save(root / "src" / rel)
+                rows.append({"path": rel, "class": cls, "style": style, "group": f"{style}:{cls}:{i}",
+                             "sha256": hashlib.sha256((root / "src" / rel).read_bytes()).hexdigest()})
+    clean = root / "clean"
+    clean.mkdir()
+    pd.DataFrame(rows).to_csv(clean / "manifest.csv", index=False)
+    (clean / "clean.json").write_text(json.dumps({"source": str((root / "src").resolve()), "method": "none"}))
+    return clean

@@ -34,6 +34,7 @@ def test_a_checkpoint_is_data_not_code(tiny_version, mlflow_store, tmp_path):
         resume("")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_a_run_not_in_the_store_names_the_store(tiny_version, mlflow_store, tmp_path):
     import torch
 

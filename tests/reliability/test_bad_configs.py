@@ -47,6 +47,7 @@ def assert_config_error(out, needles: list[str]) -> None:
 
 
 @pytest.mark.parametrize("case", list(TRAIN_CASES))
+@pytest.mark.slow
 def test_train_config_errors(case, cli, tiny_version, tmp_path, mlflow_store):
     changes, args, needles = TRAIN_CASES[case]
     cfg = tmp_path / "train.yaml"
@@ -70,6 +71,7 @@ SWEEP_CASES = {
 
 
 @pytest.mark.parametrize("case", list(SWEEP_CASES))
+@pytest.mark.slow
 def test_sweep_spec_errors(case, cli, tiny_version, tmp_path):
     changes, needles = SWEEP_CASES[case]
     spec = {

@@ -109,6 +109,7 @@ STORES = {  # case -> (the URI it makes, what the error line must say)
 
 
 @pytest.mark.parametrize("case", list(STORES))
+@pytest.mark.slow
 def test_a_tracking_store_that_cannot_serve_is_one_error_line(case, tmp_path):
     make, needles = STORES[case]
     work = tmp_path / "work"
@@ -121,6 +122,7 @@ def test_a_tracking_store_that_cannot_serve_is_one_error_line(case, tmp_path):
     assert seconds < 30  # MLflow's own retries took 36 s on a silent server, printing a stack of ReadTimeouts
 
 
+@pytest.mark.slow
 def test_the_traceback_of_an_expected_error_is_in_the_log_file(tmp_path):
     uri = corrupt_store(tmp_path)
     out, _ = run_cli("runs", cwd=tmp_path, env=cli_env(MLFLOW_TRACKING_URI=uri), timeout=120)
@@ -133,6 +135,7 @@ def test_the_traceback_of_an_expected_error_is_in_the_log_file(tmp_path):
 
 # ---------------------------------------------------------------------------------------- a fresh store (case 6)
 
+@pytest.mark.slow
 def test_commands_started_together_on_a_fresh_store_all_open_it(tmp_path):
     """MLflow creates a new store's tables on first open; four at once raced ("table ... already exists")."""
     env = cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}",
@@ -173,6 +176,7 @@ def research_sh(*args) -> str:
 
 
 @needs_small_disk
+@pytest.mark.slow
 def test_split_on_a_full_disk_is_one_error_line_and_leaves_nothing(tmp_path, make_tree):
     clean = write_clean_dir(make_tree({"a": ("circle", 12), "b": ("square", 12), "c": ("stripe", 12)}),
                             tmp_path / "clean")
@@ -190,6 +194,7 @@ STATUSES = ("import mlflow; c = mlflow.MlflowClient(); e = c.get_experiment_by_n
 
 
 @needs_small_disk
+@pytest.mark.slow
 def test_train_on_a_full_disk_ends_its_run_failed_and_runs_still_works(tmp_path, tiny_version):
     """12 MB hold the store and the epochs but not the model's weights: `database or disk is full` mid-way
     through logging the model. The run must end FAILED (it stayed RUNNING), and `runs` afterwards on the
@@ -210,6 +215,7 @@ def test_train_on_a_full_disk_ends_its_run_failed_and_runs_still_works(tmp_path,
     assert (tmp_path / "ckpt").is_dir()  # the checkpoint stays
 
 
+@pytest.mark.slow
 def test_runs_goes_on_when_its_log_file_cannot_be_written(tmp_path):
     home = tmp_path / "mlruns"
     home.mkdir()
@@ -264,6 +270,7 @@ CONFIGS = {  # case -> (the command line after `research`, what the error line m
 
 
 @pytest.mark.parametrize("case", list(CONFIGS))
+@pytest.mark.slow
 def test_a_bad_config_is_one_error_line_before_anything_runs(case, tmp_path, tiny_version, mlflow_store, capsys,
                                                               monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -309,6 +316,7 @@ def long_name_commands(tmp_path: Path, make_tree) -> dict[str, list]:
 
 
 @pytest.mark.parametrize("command", ["split --version", "clean --out", "train --dataset", "data scan --out"])
+@pytest.mark.slow
 def test_a_name_over_255_bytes_is_one_error_line(command, tmp_path, make_tree, mlflow_store, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = long_name_commands(tmp_path, make_tree)[command]
@@ -336,6 +344,7 @@ STORAGES = {
 
 
 @pytest.mark.parametrize("case", list(STORAGES))
+@pytest.mark.slow
 def test_a_bad_storage_or_study_name_is_one_error_line_and_starts_nothing(case, tmp_path, tiny_version, mlflow_store,
                                                                             capsys):
     (tmp_path / "jdir").mkdir()
@@ -363,6 +372,7 @@ SPECS = {  # the spec change -> what the error line must say (tests/reliability/
 
 
 @pytest.mark.parametrize("case", list(SPECS))
+@pytest.mark.slow
 def test_a_spec_optuna_would_refuse_fails_before_any_study_or_run(case, tmp_path, tiny_version, mlflow_store,
                                                                    capsys):
     changes, needles = SPECS[case]
@@ -376,6 +386,7 @@ def test_a_spec_optuna_would_refuse_fails_before_any_study_or_run(case, tmp_path
 
 # ---------------------------------------------------------------------------------------- numbers (case 13)
 
+@pytest.mark.slow
 def test_image_size_beyond_the_pixel_limit_is_refused_before_any_cache(tmp_path, tiny_version):
     """100000 px made a 630 GB sparse cache file, then died allocating. A child process, its files capped at
     1 GB (RLIMIT_FSIZE): without the bound it fails there in seconds instead of filling this machine."""
@@ -408,6 +419,7 @@ def test_every_number_a_user_can_set_has_a_range():
 
 # ---------------------------------------------------------------------------------------- exit codes (case 14)
 
+@pytest.mark.slow
 def test_predict_exits_1_when_no_file_could_be_predicted(tmp_path, mlflow_store, capsys):
     from tests.test_serving import log_tiny_model
 
@@ -422,6 +434,7 @@ def test_predict_exits_1_when_no_file_could_be_predicted(tmp_path, mlflow_store,
     assert run_main(capsys, "predict", bad, "--model", f"runs:/{run_id}/model")[0] == 0  # one predicted: success
 
 
+@pytest.mark.slow
 def test_sweep_exits_1_when_the_study_ends_without_a_completed_trial(tmp_path, tiny_version, mlflow_store, capsys,
                                                                       monkeypatch):
     """An lr that diverges in the first epoch: every trial fails (the worker stops after 3 in a row)."""

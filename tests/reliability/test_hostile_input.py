@@ -147,6 +147,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_the_same_pixel_limit_refuses_the_bomb_on_every_path_without_decoding_it(bombs):
     proc = subprocess.run([sys.executable, "-c", BOMB_PATHS, str(bombs)], capture_output=True, text=True,
                           env=cli_env(), timeout=300)
@@ -186,6 +187,7 @@ def peak_python_bytes(model, files: list[Path]) -> tuple[int, pd.DataFrame]:
         tracemalloc.stop()
 
 
+@pytest.mark.slow
 def test_predict_holds_a_bounded_amount_whatever_the_number_of_files(champion, tmp_path):
     model = load_model(champion)
     files = large_files(tmp_path / "big", 12)
@@ -202,6 +204,7 @@ def test_predict_holds_a_bounded_amount_whatever_the_number_of_files(champion, t
 
 # ------------------------------------------------------------------------------ 3. only regular files are read
 
+@pytest.mark.slow
 def test_predict_answers_a_fifo_and_a_device_with_an_error_instead_of_hanging(champion, tmp_path, capsys):
     good = odd_image(tmp_path / "good.png")
     fifo = tmp_path / "pipe.png"
@@ -279,6 +282,7 @@ def strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
+@pytest.mark.slow
 def test_served_answers_are_strict_json_with_null_for_failed_rows(champion, bombs, monkeypatch, tmp_path):
     good = b64(odd_image(tmp_path / "good.png").read_bytes())
     bomb = b64((bombs / "x" / "rgba16.png").read_bytes())
@@ -302,6 +306,7 @@ def test_served_answers_are_strict_json_with_null_for_failed_rows(champion, bomb
 
 # ------------------------------------------------------------------------------ 11. careless clients
 
+@pytest.mark.slow
 def test_a_dict_of_lists_and_wrapped_base64_are_accepted(champion, tmp_path):
     model = mlflow.pyfunc.load_model(champion)
     raw = odd_image(tmp_path / "good.png").read_bytes()
@@ -316,6 +321,7 @@ def test_a_dict_of_lists_and_wrapped_base64_are_accepted(champion, tmp_path):
     assert len(model.predict({"image": []})) == 0
 
 
+@pytest.mark.slow
 def test_16_bit_and_float_images_read_as_the_8_bit_image_they_show(champion):
     model = mlflow.pyfunc.load_model(champion)
     grey = np.full((40, 40), 32768, np.uint16)
@@ -357,6 +363,7 @@ def test_the_example_password_does_not_start_a_stack():
 
 # ------------------------------------------------------------------------------ 11. the server's request limit
 
+@pytest.mark.slow
 def test_a_request_longer_than_the_server_timeout_is_lost_as_documented(champion, monkeypatch, tmp_path):
     """docs/guarantees.md: one request must finish within MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT (`-t`), or it
     gets a 504 and no rows; split big jobs into requests that fit."""

@@ -14,7 +14,7 @@ def test_a_stage_in_a_log_file_prints_one_line_when_done_and_no_squeezed_bar(tmp
     env.pop("COLUMNS")  # a plain `make demo > demo.log`: rich falls back to 80 columns
     label = "emoji20-with-a-rather-long-folder-name-for-a-log"
     out, _ = run_cli("data", "build", "--out", tmp_path / label, "--classes", "heart", "--limit-per-class", "1",
-                     "--workers", "1", cwd=tmp_path, env=env)
+                     "--workers", "1", "--styles", "openmoji", "twemoji", "noto", cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith(f"build {label}: ")]
     assert len(lines) == 1 and " in " in lines[0] and lines[0].split(": ")[1].split(" ")[0] == "4/4", out.stdout

@@ -39,6 +39,7 @@ def champion(name: str) -> str:
     return str(mlflow.MlflowClient().get_model_version_by_alias(name, "champion").version)
 
 
+@pytest.mark.slow
 def test_concurrent_promotes_of_one_run_register_one_version(store: Store, tmp_path):
     outs = race(store, "race-same", *[("--run", store.good, "--force")] * 3, tmp_path=tmp_path)
     assert [str(v.version) for v in versions("race-same")] == ["1"]  # not versions 1 and 2 of the same run
@@ -47,6 +48,7 @@ def test_concurrent_promotes_of_one_run_register_one_version(store: Store, tmp_p
         assert "version 1" in out and "version 2" not in out, out
 
 
+@pytest.mark.slow
 def test_concurrent_promotes_of_two_runs_leave_one_consistent_champion(store: Store, tmp_path):
     outs = race(store, "race-two", ("--run", store.weak), ("--run", store.good), tmp_path=tmp_path)
     client = mlflow.MlflowClient()  # search results carry no aliases: get each version

@@ -194,6 +194,7 @@ def test_a_version_overwritten_by_another_command_is_a_clear_error(project):
         load_version("v3").split_frame("train")
 
 
+@pytest.mark.slow
 def test_a_killed_split_leaves_no_temp_folder_after_the_next_run(tmp_path, make_tree, monkeypatch):
     """SIGKILL in the middle of a real `python -m research split`; the next split of that version cleans up."""
     monkeypatch.chdir(tmp_path)

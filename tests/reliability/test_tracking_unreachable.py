@@ -43,6 +43,7 @@ def assert_clean_failure(out, seconds: float, uri: str) -> None:
     assert "Traceback" not in out.stderr + out.stdout, out.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_train_fails_fast_and_writes_nothing(tiny_version, dead_server, tmp_path):
     uri, work, env = dead_server
     ckpt = tmp_path / "ckpt"
@@ -57,6 +58,7 @@ def test_train_fails_fast_and_writes_nothing(tiny_version, dead_server, tmp_path
     assert files_under(tiny_version) == version_before
 
 
+@pytest.mark.slow
 def test_sweep_fails_fast_and_writes_nothing(tiny_version, dead_server, tmp_path):
     uri, work, env = dead_server
     spec = tmp_path / "spec.yaml"

@@ -105,7 +105,8 @@ def test_split_force_never_deletes_a_file_it_did_not_write(project, capsys):
 
 # ------------------------------------------------------------------------------ data build
 
-BUILD = ["data", "build", "--classes", "heart", "--limit-per-class", "1", "--workers", "1"]
+BUILD = ["data", "build", "--classes", "heart", "--limit-per-class", "1", "--workers", "1",
+         "--styles", "openmoji", "noto"]  # the PyPI styles: what is tested is where the build writes
 
 
 def test_data_build_never_deletes_a_class_folder_a_user_added(tmp_path, monkeypatch, capsys, make_tree):
@@ -150,6 +151,7 @@ def test_an_existing_partial_folder_is_deleted_only_if_a_build_wrote_it(tmp_path
 
 # ------------------------------------------------------------------------------ report
 
+@pytest.mark.slow
 def test_report_never_writes_into_a_source_nor_where_a_study_name_points(tiny_version, mlflow_store, tmp_path,
                                                                           monkeypatch, capsys, make_tree):
     import optuna
@@ -220,6 +222,7 @@ def outside(world: Path, out: Path) -> dict[str, tuple]:
     return everything_but(world, rel)
 
 
+@pytest.mark.slow
 def test_property_random_paths_never_change_anything_outside_the_output(tmp_path, make_tree):
     rng = random.Random(26)
     world = tmp_path / "world"
