@@ -80,7 +80,7 @@ def test_low_level_modules_do_not_import_the_config(module):
 # store, the loaders, stored trunk activations) lives in research/inputs instead.
 DATA_STAGES = {"research.data.cli", "research.data.emoji", "research.data.make_classmap", "research.data.scan",
                "research.data.photo_features", "research.data.clean", "research.data.split",
-               "research.data.offline_augment"}
+               "research.data.offline_augment", "research.data.sources"}
 DATA_SHARED = {"research.data", "research.data.image", "research.data.pool", "research.data.outputs",
                "research.data.versions"}
 # what the input path must never reach, directly or through others: a stage, a command-line entry, the trainer
