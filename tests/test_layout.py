@@ -79,7 +79,7 @@ def test_low_level_modules_do_not_import_the_config(module):
 # parallel map, the output guard, reading a version). Anything that feeds the trainer (the decoded-image
 # store, the loaders, stored trunk activations) lives in research/inputs instead.
 DATA_STAGES = {"research.data.cli", "research.data.emoji", "research.data.make_classmap", "research.data.scan",
-               "research.data.photo_features", "research.data.clean", "research.data.split",
+               "research.data.photo_features", "research.data.clean", "research.data.split", "research.data.sources",
                "research.data.offline_augment"}
 DATA_SHARED = {"research.data", "research.data.image", "research.data.pool", "research.data.outputs",
                "research.data.versions"}
