@@ -8,6 +8,8 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+from research.locks import file_lock
+
 LOWER_IS_BETTER = ("loss",)  # a metric whose name contains one of these is minimised
 
 
@@ -105,8 +107,6 @@ def database_lock(url: str, key: str) -> Iterator[bool]:
     else:
         yield False
         return
-    from research.data.pool import file_lock
-
     # not "<journal>.lock": that is the name of Optuna's own journal lock (a symlink); a regular file
     # there blocks every journal write for its 30 s grace period, then Optuna deletes it under us
     with file_lock(path.with_name(path.name + ".slots.lock")):
