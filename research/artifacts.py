@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from research import checkpoints, tracking
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.store import logged_models, search_all_runs, selection_value
 
 console = Console()

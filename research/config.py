@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from research.errors import ConfigError  # re-exported: `config.ConfigError` is the usual spelling
+from research.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from research.config import ConfigError
 from research.data import outputs
+from research.errors import ConfigError
 
 EXPERIMENT = "eda"
 SAMPLES_PER_CLASS = 10

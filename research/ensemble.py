@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from research import runlog, tracking
-from research.config import ConfigError
 from research.data.versions import Version, load_version
+from research.errors import ConfigError
 from research.inputs.decoded import split_items
 from research.metrics import fit_temperature
 from research.serving import Classifier, model_meta, read_meta, served_probabilities

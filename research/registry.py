@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from research import tracking
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.serving import (  # IllustrationClassifier here also unpickles pyfuncs logged when it lived here
     CHAMPION,
     MODEL_NAME,

@@ -37,8 +37,8 @@ from rich.text import Text
 
 from research import styles as styles_mod
 from research import tracking
-from research.config import ConfigError
 from research.data import outputs
+from research.errors import ConfigError
 from research.runs import _fmt_seconds
 
 console = Console()

@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from research import tracking
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.store import search_all_runs, selection_value
 
 # the row keys, in the order the table shows them and keeps them when the terminal is narrow (the first ones win)

@@ -29,8 +29,8 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel  # the pyfunc's base class; the one heavy import a `--help` pays for
 
 from research import tracking, verify
-from research.config import ConfigError
 from research.data.image import IMAGENET_MEAN, IMAGENET_STD, decode, normalize
+from research.errors import ConfigError
 
 # Names users and scripts rely on; the registry module re-exports them.
 MODEL_NAME = "illustration-classifier"

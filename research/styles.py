@@ -26,8 +26,9 @@ from rich.table import Table
 
 from research import config as config_mod
 from research import tracking, verify
-from research.config import ConfigError, TrainConfig
+from research.config import TrainConfig
 from research.data.versions import Version, load_version
+from research.errors import ConfigError
 
 console = Console()
 EXPERIMENT = "styles"

@@ -29,9 +29,9 @@ from rich.console import Console
 
 from research import checkpoints, inputs, models, runlog, tracking
 from research import config as config_mod
-from research.config import ConfigError, TrainConfig
+from research.config import TrainConfig
 from research.data.versions import Version, load_version, mlflow_dataset
-from research.errors import UserFixable
+from research.errors import ConfigError, UserFixable
 from research.inputs.decoded import split_items
 from research.inputs.loaders import Loaders
 from research.inputs.routes import Route

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.registry import PromotionRefused, promote
 from research.train import build_parts, train
 from tests.conftest import EXPERIMENT, tiny_cfg

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from research.cli import main
-from research.config import ConfigError
 from research.ensemble import Ensemble
+from research.errors import ConfigError
 from research.predict import evaluate_served
 from research.registry import CHAMPION, Champion, PromotionRefused, gate, pick_run, promote
 from tests.conftest import EXPERIMENT

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from research.cli import main
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.registry import CHAMPION, PREVIOUS, PromotionRefused, pick_run, promote
 from tests.conftest import EXPERIMENT, Store, tiny_cfg
 from tests.test_serving import free_port

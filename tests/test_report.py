@@ -16,7 +16,7 @@ import pytest
 from research import config as config_mod
 from research import report as report_module
 from research.cli import main
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.report import report
 from research.sweep import SweepSpec, make_storage, sweep
 from tests.conftest import private_store  # chdir: the cached loader's data/cache/, the report's reports/

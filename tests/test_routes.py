@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from research import inputs
-from research.config import LOADERS, ConfigError, TrainConfig
+from research.config import LOADERS, TrainConfig
+from research.errors import ConfigError
 from research.inputs.features import FeatureRoute
 from research.inputs.loaders import Batch
 from research.inputs.routes import Route

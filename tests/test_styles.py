@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from research.config import ConfigError
 from research.data.split import build_version
 from research.data.versions import load_version
+from research.errors import ConfigError
 from research.styles import ensemble_by_style, latest_for_run, leave_one_style_out, parent_run
 from tests.conftest import draw_image, private_store, tiny_cfg
 

@@ -9,7 +9,7 @@ import optuna
 import pytest
 
 from research import config as config_mod
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.sweep import SweepSpec, load_spec, make_storage, sweep
 
 SWEEPS = sorted((Path(__file__).resolve().parent.parent / "sweeps").glob("*.yaml"))

@@ -6,7 +6,8 @@ import mlflow
 import pytest
 
 from research import config as config_mod
-from research.config import ConfigError, TrainConfig
+from research.config import TrainConfig
+from research.errors import ConfigError
 from research.runlog import EPOCH_METRICS
 from research.train import resume, train
 

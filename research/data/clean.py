@@ -47,9 +47,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from research.config import ConfigError
 from research.data import outputs
 from research.data import photo_features as pf
+from research.errors import ConfigError
 
 METHODS = ("agglomerative", "dbscan", "gmm", "score", "auto")
 FEATURES = ("raw", "pca", "photo")

@@ -38,11 +38,11 @@ import pandas as pd
 from PIL import Image
 
 from research import config
-from research.config import ConfigError
 from research.data import outputs
 from research.data.image import SPLITS, open_rgb, to_rgb
 from research.data.offline_augment import OfflineAugment, png_bytes, write_augmented
 from research.data.pool import pmap, workers_for
+from research.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 MANIFEST_COLUMNS = ["path", "class", "split", "group", "sha256", "source_path", "augmented_from", "style", "family"]

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from research.config import ConfigError, TrainConfig
+from research.config import TrainConfig
+from research.errors import ConfigError
 from research.inputs import decoded
 from research.inputs.features import EMBED_BATCH, weights_digest
 from research.inputs.loaders import Batch, BatchAugment, BatchMix, CachedBatches, Loaders, Normalize

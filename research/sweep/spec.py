@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from research import config as config_mod
-from research.config import SEED_MAX, ConfigError, Range, TrainConfig, check_ranges
+from research.config import SEED_MAX, Range, TrainConfig, check_ranges
+from research.errors import ConfigError
 
 
 @dataclasses.dataclass

@@ -25,7 +25,8 @@ from rich.console import Console
 from research import config as config_mod
 from research import tracking
 from research.artifacts import keep_top_weights
-from research.config import ConfigError, TrainConfig
+from research.config import TrainConfig
+from research.errors import ConfigError
 from research.sweep.spec import ParamSpec, SweepSpec, base_config, nest
 from research.sweep.storage import Heartbeat, default_storage_url, fail_stale_trials, open_study, slot_lock
 from research.sweep.summary import params_text, summarize

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.train import resume
 
 

@@ -24,7 +24,8 @@ import pytest
 from PIL import Image
 
 from research import config as config_mod
-from research.config import ConfigError, TrainConfig
+from research.config import TrainConfig
+from research.errors import ConfigError
 from tests.conftest import draw_image
 from tests.reliability import tiny_train_config, tree_fingerprint
 

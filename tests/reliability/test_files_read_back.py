@@ -191,7 +191,7 @@ def test_a_run_without_config_is_one_error_naming_the_run(tmp_path, mlflow_store
     client = mlflow.MlflowClient()
     members = [Candidate(client.get_run(log_tiny_model(tmp_path / f"m{i}", meta=good_meta())), 0.5, "val_f1_macro")
                for i in range(2)]
-    from research.config import ConfigError
+    from research.errors import ConfigError
 
     with pytest.raises(ConfigError, match=f"Run {members[0].run_id} has no config.yaml .*a member of an ensemble"):
         build_ensemble(members, None)

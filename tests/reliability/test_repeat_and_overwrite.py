@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from research.cli import main
-from research.config import ConfigError
+from research.errors import ConfigError
 from tests.conftest import EXPERIMENT, Store
 from tests.reliability import styled_clean_dir, tiny_sweep_spec, tiny_train_config
 

@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 
 from research.cli import main
-from research.config import ConfigError
 from research.data import outputs
+from research.errors import ConfigError
 from tests.conftest import write_clean_dir
 from tests.reliability import tiny_sweep_spec, tree_fingerprint
 
