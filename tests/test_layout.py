@@ -76,13 +76,13 @@ def test_low_level_modules_do_not_import_the_config(module):
 
 
 # research/data: the dataset stages, and what they share with the rest of the package (the decode rule, the
-# parallel map, the output guard, reading a version). Anything that feeds the trainer (the decoded-image
+# image grid, the parallel map, the output guard, reading a version). Anything that feeds the trainer (the decoded-image
 # store, the loaders, stored trunk activations) lives in research/inputs instead.
 DATA_STAGES = {"research.data.cli", "research.data.emoji", "research.data.make_classmap", "research.data.scan",
                "research.data.photo_features", "research.data.clean", "research.data.split", "research.data.sources",
                "research.data.offline_augment"}
-DATA_SHARED = {"research.data", "research.data.image", "research.data.pool", "research.data.outputs",
-               "research.data.versions"}
+DATA_SHARED = {"research.data", "research.data.image", "research.data.grid", "research.data.pool",
+               "research.data.outputs", "research.data.versions"}
 # what the input path must never reach, directly or through others: a stage, a command-line entry, the trainer
 INPUTS_MUST_NOT_REACH = DATA_STAGES | {"research.__main__", "research.cli", "research.train"}
 

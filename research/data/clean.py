@@ -443,7 +443,7 @@ def plot_clusters(data: Data, result: Result, out: Path, per_cluster: int = 40, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from research.eda import image_grid
+    from research.data.grid import image_grid
 
     out.mkdir(parents=True, exist_ok=True)
     if result.linkage is not None:
