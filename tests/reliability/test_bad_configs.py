@@ -95,12 +95,12 @@ NONSENSE = {"lr": ".nan", "momentum": ".inf", "weight_decay": ".nan", "grad_clip
 
 @pytest.mark.parametrize("key", list(NONSENSE))
 def test_nan_inf_and_negative_values_are_refused(key):
-    from research import config as config_mod
+    from research import configfile
     from research.config import TrainConfig
     from research.errors import ConfigError
 
     with pytest.raises(ConfigError, match=key.split(".")[-1]):
-        config_mod.load(TrainConfig, None, config_mod.parse_overrides([f"{key}={NONSENSE[key]}"]))
+        configfile.load(TrainConfig, None, configfile.parse_overrides([f"{key}={NONSENSE[key]}"]))
 
 
 def spec_with(tmp_path, **changes):

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from research.config import TrainConfig, from_dict
+from research.config import TrainConfig
+from research.configfile import from_dict
 from research.serving import model_meta
 from tests.reliability import files_under, kill, refused, start_cli, tiny_train_config, wait_for
 
