@@ -53,7 +53,15 @@ from research.serving import (  # IllustrationClassifier here also unpickles pyf
     read_meta,
     signature,
 )
-from research.store import SELECTED, database_lock, logged_models, minimise, search_all_runs, selection_value
+from research.store import (
+    SELECTED,
+    database_lock,
+    logged_models,
+    minimise,
+    search_all_runs,
+    selection_value,
+    study_objective,
+)
 
 console = Console()
 
@@ -184,13 +192,13 @@ def _quote(value: str) -> str:
 
 
 def study_metric(client, study: str) -> str | None:
-    """The metric a study optimised (its parent run's `objective` param, e.g. `maximize val_f1_macro`), or None."""
+    """The metric a study optimised (as its parent run recorded it, `store.study_objective`), or None."""
     parents = search_all_runs(client, _experiment_ids(client, None),
                               f"tags.optuna_study = {_quote(study)} and tags.optuna_role = 'parent'")
     for parent in parents:
-        metric = parent.data.params.get("objective", "").partition(" ")[2]
-        if metric:
-            return metric
+        objective = study_objective(parent)
+        if objective:
+            return objective.metric
     return None
 
 

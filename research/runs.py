@@ -28,7 +28,7 @@ from rich.text import Text
 
 from research import tracking
 from research.errors import ConfigError
-from research.store import search_all_runs, selection_value
+from research.store import DEFAULT_OBJECTIVE, search_all_runs, selection_value, study_objective
 
 # the row keys, in the order the table shows them and keeps them when the terminal is narrow (the first ones win)
 RUN_COLUMNS = ("val_f1", "test_f1", "model", "name", "duration", "status", "run_id", "lr", "batch", "dataset",
@@ -88,13 +88,12 @@ def studies(experiment: str | None = None, study: str | None = None, top: int | 
                      key=lambda r: r.info.start_time, reverse=True)
     rows = []
     for parent in parents[:top] if top else parents:
-        objective = parent.data.params.get("objective", "maximize val_f1_macro")
-        direction, metric = objective.split(" ", 1)
+        objective = study_objective(parent) or DEFAULT_OBJECTIVE
         children = trials[parent.info.run_id]
         states = Counter(_trial_state(r) for r in children)
-        scored = [(selection_value(client, r, metric), r) for r in children if _trial_state(r) == "COMPLETE"]
+        scored = [(selection_value(client, r, objective.metric), r) for r in children if _trial_state(r) == "COMPLETE"]
         scored = [(v, r) for v, r in scored if v is not None]
-        pick = max if direction == "maximize" else min
+        pick = max if objective.maximize else min
         value, best = pick(scored, key=lambda vr: vr[0], default=(None, None))
         info = parent.info
         rows.append({
@@ -103,7 +102,7 @@ def studies(experiment: str | None = None, study: str | None = None, top: int | 
             "complete": states["COMPLETE"], "pruned": states["PRUNED"], "failed": states["FAIL"],
             "running": states["RUNNING"],
             "duration": (info.end_time - info.start_time) / 1000.0 if info.end_time else None,
-            "model": best and best.data.params.get("model"), "objective": objective,
+            "model": best and best.data.params.get("model"), "objective": str(objective),
             "best_run_id": best and best.info.run_id,
         })
     return rows

@@ -16,6 +16,7 @@ from PIL import Image
 
 from research import artifacts, registry
 from research.cli import main
+from research.store import Objective, study_objective
 from research.sweep import sweep
 from tests.conftest import tiny_cfg
 from tests.test_sweep import tiny_spec
@@ -90,6 +91,8 @@ def test_a_study_keeps_the_weights_of_its_top_k_trials_and_the_champion(tiny_ver
     parent = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                 "tags.optuna_role = 'parent'")[0]
     assert parent.data.params["keep_top_k"] == "2"
+    assert study_objective(parent) == Objective("maximize", "val_f1_macro")  # recorded as values, not a string
+    assert "objective" not in parent.data.params
     trials = artifacts.trial_runs(client, parent)
     assert len(trials) == 5
     ranked = sorted(trials, key=lambda r: (-r.data.metrics["objective"], r.info.start_time))  # ties: earlier first

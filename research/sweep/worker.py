@@ -26,6 +26,7 @@ from research import configfile, tracking
 from research.artifacts import keep_top_weights
 from research.config import TrainConfig
 from research.errors import ConfigError
+from research.store import objective_params
 from research.sweep.spec import ParamSpec, SweepSpec, base_config, nest
 from research.sweep.storage import Heartbeat, default_storage_url, fail_stale_trials, open_study, slot_lock
 from research.sweep.summary import params_text, summarize
@@ -49,7 +50,8 @@ def parent_run_id(study: optuna.Study, spec: SweepSpec, spec_path: str | None) -
     )
     rid = run.info.run_id
     client.log_param(rid, "study_name", spec.study_name)
-    client.log_param(rid, "objective", f"{spec.objective.direction} {spec.objective.metric}")
+    for key, value in objective_params(spec.objective.direction, spec.objective.metric).items():
+        client.log_param(rid, key, value)
     client.log_param(rid, "sampler", spec.sampler.name)
     client.log_param(rid, "pruner", spec.pruner.name)
     client.log_param(rid, "n_trials", spec.n_trials)
