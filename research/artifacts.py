@@ -35,11 +35,11 @@ from rich.table import Table
 
 from research import checkpoints, tracking
 from research.errors import ConfigError
+from research.runquery import WEIGHTS_DELETED  # the run tag saying the keep rules dropped its weights
 from research.store import DEFAULT_OBJECTIVE, logged_models, search_all_runs, selection_value, study_objective
 
 console = Console()
 
-WEIGHTS_DELETED = "weights_deleted"  # run tag where the keep rules dropped the weights
 OLD_WEIGHT_DIRS = ("checkpoint",)  # run artifact folders earlier versions filled with weight copies
 
 

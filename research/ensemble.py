@@ -79,7 +79,7 @@ def member_version(config: dict[str, Any], digest: str) -> Version:
 
 
 def build_ensemble(candidates: list, study: str | None) -> str:
-    """Log a run whose model averages `candidates`' (registry Candidates, best first); returns its run id."""
+    """Log a run whose model averages `candidates`' (research.runquery Candidates, best first); returns its run id."""
     from research.train import scores
 
     run_ids = [c.run_id for c in candidates]

@@ -28,6 +28,7 @@ from rich.text import Text
 
 from research import tracking
 from research.errors import ConfigError
+from research.runquery import experiment_ids, quote
 from research.store import DEFAULT_OBJECTIVE, search_all_runs, selection_value, study_objective
 
 # the row keys, in the order the table shows them and keeps them when the terminal is narrow (the first ones win)
@@ -45,13 +46,11 @@ def _search(experiment: str | None, study: str | None):
     """The MLflow client and every run in scope (trials, plain runs and study parents)."""
     import mlflow
 
-    from research.registry import _experiment_ids, _quote
-
     tracking.setup()
     tracking.check_reachable()
     client = mlflow.MlflowClient()
-    ids = _experiment_ids(client, experiment)
-    filter_string = f"tags.optuna_study = {_quote(study)}" if study else ""
+    ids = experiment_ids(client, experiment)
+    filter_string = f"tags.optuna_study = {quote(study)}" if study else ""
     return client, search_all_runs(client, ids, filter_string) if ids else []
 
 

@@ -162,7 +162,7 @@ def ensemble_by_style(outs: list[dict[str, Any]], *, experiment: str = EXPERIMEN
     on the held-out style), under a parent run of its own. Each ensemble is chosen by nothing: its members
     are the recipes given, and val (other styles) is reported beside the held-out figure as for one recipe."""
     from research.ensemble import build_ensemble
-    from research.registry import Candidate
+    from research.runquery import Candidate
 
     client = mlflow.MlflowClient()
     styles = [r["style"] for r in outs[0]["rows"]]

@@ -21,7 +21,8 @@ import torch
 
 from research.cli import main
 from research.errors import ConfigError
-from research.registry import CHAMPION, PREVIOUS, PromotionRefused, pick_run, promote
+from research.registry import CHAMPION, PREVIOUS, PromotionRefused, promote
+from research.runquery import pick_run
 from tests.conftest import EXPERIMENT, Store, tiny_cfg
 from tests.test_serving import free_port
 

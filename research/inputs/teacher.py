@@ -84,7 +84,7 @@ def find_version(uri: str) -> TeacherVersion:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from research.serving import first_line
+    from research.errors import first_line
 
     client = mlflow.MlflowClient()
     name, kind, ref = parse_uri(uri)

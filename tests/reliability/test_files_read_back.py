@@ -179,7 +179,7 @@ def test_a_run_without_config_is_one_error_naming_the_run(tmp_path, mlflow_store
     traceback."""
     from research import tracking
     from research.ensemble import build_ensemble
-    from research.registry import Candidate
+    from research.runquery import Candidate
     from tests.test_serving import log_tiny_model
 
     monkeypatch.chdir(tmp_path)
