@@ -127,7 +127,8 @@ def _duration(run) -> float | None:
     return None
 
 
-def _fmt_seconds(s: float | None) -> str:
+def fmt_seconds(s: float | None) -> str:
+    """A duration for a table: seconds, to one decimal under 10 s; minutes from 2 min; "-" for none."""
     if s is None or math.isnan(s):
         return "-"
     return f"{s:.1f}s" if s < 10 else f"{s:.0f}s" if s < 120 else f"{s / 60:.1f}min"
@@ -140,7 +141,7 @@ def _cell(column: str, value) -> str:
     if value is None or value == "":
         return "-"
     if column == "duration":
-        return _fmt_seconds(value)
+        return fmt_seconds(value)
     if isinstance(value, float):
         return f"{value:.4g}" if column == "lr" else f"{value:.4f}"
     return str(value)
