@@ -4,7 +4,7 @@ The scope is experiments by name (`experiment_ids`) and filter strings (`run_fil
 a `Candidate` is a FINISHED run that has a model, with its figure at the epoch whose weights it kept
 (research.store.selection_value); `ranked_runs` orders them, best first, ties to the earlier run. Only validation
 metrics choose (`check_selection_metric`), and an ensemble never on a loss (`check_ensemble_metric`).
-research/registry.py registers what these pick; research/runs.py and research/styles.py read runs through them.
+research/registry.py registers what these pick; research/runs.py lists runs in the same scope.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def check_ensemble_metric(metric: str) -> None:
 
 @dataclasses.dataclass
 class Candidate:
+    """A FINISHED run that has a model, and its figure on the selection `metric`."""
+
     run: Any  # mlflow.entities.Run
     score: float  # the metric at the epoch whose weights the run kept (store.selection_value)
     metric: str
@@ -167,6 +169,8 @@ def ranked_runs(client, *, study: str | None = None, experiment: str | None = No
 
 
 def named_run(client, run_id: str, metric: str) -> Candidate:
+    """`run_id` as a Candidate, checked: it exists, it is FINISHED, it has its model, an ensemble not on a loss.
+    Its score is NaN when it has no value of `metric`."""
     from mlflow.exceptions import MlflowException
 
     try:
