@@ -130,8 +130,8 @@ def synthetic_version(n_train: int, root: Path | None = None, seed: int = 0) -> 
 
 def load_dataset(args, device, console) -> tuple[object, str]:
     """(Version, note): the named version, or a synthetic one when it is not built (said aloud)."""
-    from research.config import ConfigError
     from research.data.versions import load_version
+    from research.errors import ConfigError
 
     try:
         return load_version(args.dataset, args.data_root), f"version {args.dataset}"

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from research import config as config_mod
-from research import models
+from research import configfile, models
 from research.config import TrainConfig
 from research.data.versions import load_version
 from research.inputs.loaders import build_loaders
@@ -125,7 +124,7 @@ def main() -> None:
         changes = BASE | {"dataset": args.dataset, "device": args.device} | RECIPES[name]
         if args.epochs:
             changes["epochs"] = args.epochs
-        cfg = config_mod.from_dict(TrainConfig, changes)
+        cfg = configfile.from_dict(TrainConfig, changes)
         results[name] = run(cfg, device) | {"changes": RECIPES[name]}
         r = results[name]
         print(f"{name:24s} {r['image_size']:>3}px  val {r['val']:.3f}  test {r['test']:.3f}"

@@ -34,12 +34,12 @@ from rich.console import Console
 from rich.table import Table
 
 from research import checkpoints, tracking
-from research.config import ConfigError
-from research.store import logged_models, search_all_runs, selection_value
+from research.errors import ConfigError
+from research.runquery import WEIGHTS_DELETED  # the run tag saying the keep rules dropped its weights
+from research.store import DEFAULT_OBJECTIVE, logged_models, search_all_runs, selection_value, study_objective
 
 console = Console()
 
-WEIGHTS_DELETED = "weights_deleted"  # run tag where the keep rules dropped the weights
 OLD_WEIGHT_DIRS = ("checkpoint",)  # run artifact folders earlier versions filled with weight copies
 
 
@@ -108,12 +108,11 @@ class Study:
 
     @classmethod
     def of(cls, parent, default_k: int | None, override: bool = False) -> Study:
-        """From the parent run's params (objective, keep_top_k); `override`: `default_k` wins."""
-        params = parent.data.params
-        direction, _, metric = params.get("objective", "maximize val_f1_macro").partition(" ")
-        k = default_k if override else params.get("keep_top_k", default_k)
+        """From the parent run's params (its objective, keep_top_k); `override`: `default_k` wins."""
+        objective = study_objective(parent) or DEFAULT_OBJECTIVE
+        k = default_k if override else parent.data.params.get("keep_top_k", default_k)
         return cls(parent, parent.data.tags.get("optuna_study", parent.info.run_name or parent.info.run_id),
-                   metric or "val_f1_macro", direction != "minimize", None if k in (None, "all") else int(k))
+                   objective.metric, objective.maximize, None if k in (None, "all") else int(k))
 
 
 def trial_runs(client, parent) -> list:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from research.errors import ConfigError
+from research.locks import file_lock
 
 DEFAULT_ROOT = "mlruns/checkpoints"  # TrainConfig.checkpoint_dir's default
 LOCK = "live.json"  # beside last.pt while a process trains the run
@@ -199,8 +200,6 @@ def live_run(ckdir: str | Path, run_id: str) -> Iterator[None]:
 
 
 def _acquire(path: Path, run_id: str) -> None:
-    from research.data.pool import file_lock
-
     pid, host, started = _me()
     path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(path.parent / ".live.guard"):  # two resumes at once: one takes it, the other sees it taken

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from research import runlog, tracking
-from research.config import ConfigError
 from research.data.versions import Version, load_version
+from research.errors import ConfigError
 from research.inputs.decoded import split_items
 from research.metrics import fit_temperature
 from research.serving import Classifier, model_meta, read_meta, served_probabilities
@@ -79,7 +79,7 @@ def member_version(config: dict[str, Any], digest: str) -> Version:
 
 
 def build_ensemble(candidates: list, study: str | None) -> str:
-    """Log a run whose model averages `candidates`' (registry Candidates, best first); returns its run id."""
+    """Log a run whose model averages `candidates`' (research.runquery Candidates, best first); returns its run id."""
     from research.train import scores
 
     run_ids = [c.run_id for c in candidates]

@@ -29,6 +29,12 @@ class TrackingError(UserFixable, RuntimeError):
     """The tracking store cannot be reached or used; the message says which and what to do."""
 
 
+def first_line(exc: Exception) -> str:
+    """An exception's first line (MLflow's can run to pages), for error messages."""
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
 # sqlite's words for a database it cannot use -> what that means, and the fix
 DATABASE_FAILURES = {
     "database or disk is full": "The disk holding it is full: free space there, then run the command again",

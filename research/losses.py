@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from research.config import LOSSES, ConfigError, TrainConfig
+from research.config import LOSSES, TrainConfig
+from research.errors import ConfigError
 
 LDAM_SCALE = 30.0  # s in Cao et al. 2019
 LDAM_DRW_BETA = 0.9999  # the class-balanced beta LDAM-DRW uses for its deferred weights

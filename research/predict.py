@@ -27,7 +27,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.serving import CHAMPION, MODEL_NAME, load_model
 
 console = Console()

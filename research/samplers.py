@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import RandomSampler, Sampler, WeightedRandomSampler
 
-from research.config import SAMPLERS, ConfigError
+from research.config import SAMPLERS
+from research.errors import ConfigError
 
 
 def sample_weights(labels: np.ndarray, kind: str) -> np.ndarray | None:

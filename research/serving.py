@@ -29,8 +29,8 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel  # the pyfunc's base class; the one heavy import a `--help` pays for
 
 from research import tracking, verify
-from research.config import ConfigError
 from research.data.image import IMAGENET_MEAN, IMAGENET_STD, decode, normalize
+from research.errors import ConfigError, first_line
 
 # Names users and scripts rely on; the registry module re-exports them.
 MODEL_NAME = "illustration-classifier"
@@ -303,12 +303,6 @@ class ClassifierModel:
         if not isinstance(frame, pd.DataFrame):
             frame = pd.DataFrame(frame)
         return self.classifier.predict_frame(frame)
-
-
-def first_line(exc: Exception) -> str:
-    """An exception's first line (MLflow's can run to pages), for error messages."""
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 # ------------------------------------------------------------------------------ the run's model as a pyfunc

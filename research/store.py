@@ -1,12 +1,15 @@
-"""Queries over the MLflow store that read every page (runs, logged models, a metric's best value), and
-a lock shared by every process that uses one database."""
+"""Reading the MLflow store: queries that read every page (runs, logged models), a run's figure to rank on,
+a study's objective, and a lock shared by every process that uses one database."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator
 from pathlib import Path
+
+from research.locks import file_lock
 
 LOWER_IS_BETTER = ("loss",)  # a metric whose name contains one of these is minimised
 
@@ -76,6 +79,41 @@ def selection_value(client, run, metric: str) -> float | None:
     return best_value(client, run, metric)
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a study optimised: `direction` ("maximize" or "minimize") and the trials' `metric`."""
+
+    direction: str
+    metric: str
+
+    @property
+    def maximize(self) -> bool:
+        return self.direction != "minimize"
+
+    def __str__(self) -> str:
+        return f"{self.direction} {self.metric}"
+
+
+DEFAULT_OBJECTIVE = Objective("maximize", "val_f1_macro")  # the sweep spec's default (research/sweep/spec.py)
+
+
+def objective_params(direction: str, metric: str) -> dict[str, str]:
+    """The params a study's parent run records its objective in (read back by `study_objective`)."""
+    return {"objective_direction": direction, "objective_metric": metric}
+
+
+def study_objective(parent) -> Objective | None:
+    """The objective a study's parent run recorded; None when it recorded none.
+
+    Params `objective_direction` and `objective_metric`; a parent logged before those has the one string param
+    `objective`, e.g. "maximize val_f1_macro"."""
+    params = parent.data.params
+    if params.get("objective_metric"):
+        return Objective(params.get("objective_direction", DEFAULT_OBJECTIVE.direction), params["objective_metric"])
+    direction, _, metric = params.get("objective", "").partition(" ")
+    return Objective(direction, metric) if metric else None
+
+
 @contextlib.contextmanager
 def database_lock(url: str, key: str) -> Iterator[bool]:
     """An exclusive lock named `key` among the processes sharing the database at `url`; yields whether one is held.
@@ -105,8 +143,6 @@ def database_lock(url: str, key: str) -> Iterator[bool]:
     else:
         yield False
         return
-    from research.data.pool import file_lock
-
     # not "<journal>.lock": that is the name of Optuna's own journal lock (a symlink); a regular file
     # there blocks every journal write for its 30 s grace period, then Optuna deletes it under us
     with file_lock(path.with_name(path.name + ".slots.lock")):

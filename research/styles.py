@@ -24,10 +24,10 @@ import mlflow
 from rich.console import Console
 from rich.table import Table
 
-from research import config as config_mod
-from research import tracking, verify
-from research.config import ConfigError, TrainConfig
+from research import configfile, tracking, verify
+from research.config import TrainConfig
 from research.data.versions import Version, load_version
+from research.errors import ConfigError
 
 console = Console()
 EXPERIMENT = "styles"
@@ -48,7 +48,7 @@ def recipe_of_run(run_id: str) -> tuple[TrainConfig, float | None]:
         raise ConfigError(f"No MLflow run {run_id!r} in {tracking.tracking_uri()}: pass a run id from "
                           "`python -m research runs`.") from exc
     data = verify.run_config(client, run_id, "styles --run (its config is the recipe)")
-    return config_mod.from_dict(TrainConfig, data), run.data.metrics.get("test_f1_macro")
+    return configfile.from_dict(TrainConfig, data), run.data.metrics.get("test_f1_macro")
 
 
 def holdout_version(base: Version, style: str) -> Version:
@@ -56,7 +56,7 @@ def holdout_version(base: Version, style: str) -> Version:
     style held out, or reused when one built that way from the same clean data (source digest) is there."""
     from research.data.split import Recipe, build_version, read_clean_dir, source_digest
 
-    recipe = config_mod.from_dict(Recipe, {**base.info["recipe"], "holdout_style": style})
+    recipe = configfile.from_dict(Recipe, {**base.info["recipe"], "holdout_style": style})
     name, root = f"{base.name}-no-{style}", base.dir.parent
     rebuild = (f"python -m research split {base.info['source']} --version {{name}} --recipe <{base.name}'s recipe>"
                f"{{extra}} --force")
@@ -68,7 +68,7 @@ def holdout_version(base: Version, style: str) -> Version:
                           f"first: {rebuild.format(name=base.name, extra='')}.")
     if (root / name / "version.json").is_file():
         version = load_version(name, root)
-        if (version.info.get("recipe") == config_mod.to_dict(recipe) and version.info.get("seed") == base.info["seed"]
+        if (version.info.get("recipe") == configfile.to_dict(recipe) and version.info.get("seed") == base.info["seed"]
                 and version.info.get("source_digest") == clean):
             return version
         raise ConfigError(f"{version.dir} exists but was not split from {base.name}'s clean data and recipe with "
@@ -162,7 +162,7 @@ def ensemble_by_style(outs: list[dict[str, Any]], *, experiment: str = EXPERIMEN
     on the held-out style), under a parent run of its own. Each ensemble is chosen by nothing: its members
     are the recipes given, and val (other styles) is reported beside the held-out figure as for one recipe."""
     from research.ensemble import build_ensemble
-    from research.registry import Candidate
+    from research.runquery import Candidate
 
     client = mlflow.MlflowClient()
     styles = [r["style"] for r in outs[0]["rows"]]
@@ -248,9 +248,9 @@ def run(args) -> int:
         recipes = [(recipe_of_spec(args.spec), None, f"spec {args.spec}")]
     else:  # all read before training: a run without config.yaml is refused now (research/verify.py)
         recipes = [(*recipe_of_run(run_id), f"run {run_id}") for run_id in args.run_ids]
-    overrides = config_mod.parse_overrides(args.overrides)
+    overrides = configfile.parse_overrides(args.overrides)
     if overrides:
-        recipes = [(config_mod.from_dict(TrainConfig, config_mod.merge(config_mod.to_dict(cfg), overrides)),
+        recipes = [(configfile.from_dict(TrainConfig, configfile.merge(configfile.to_dict(cfg), overrides)),
                     None,  # another recipe than the run's: not the run's own leave-one-style-out either
                     source + " with " + " ".join(args.overrides)) for cfg, _, source in recipes]
     if args.ensemble:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from research.errors import TrackingError, database_failure  # TrackingError re-exported: tracking.TrackingError
+from research.locks import file_lock
 
 HOME = Path("mlruns")
 LOCAL_UI = "http://127.0.0.1:5000"  # where `python -m research ui` (and `mlflow ui`) serve by default
@@ -120,8 +121,6 @@ def _first_open_lock(path: Path) -> Iterator[None]:
     """MLflow creates a fresh store's tables on first open, and two processes doing it at once fail ("table ...
     already exists"): the first open is serialised by a lock file beside the database. Not the store's own
     lock (research.store.database_lock): a caller may hold that one while it sets up."""
-    from research.data.pool import file_lock
-
     lock = file_lock(path.with_name(path.name + ".init.lock"))
     try:
         lock.__enter__()

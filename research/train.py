@@ -27,11 +27,10 @@ import torch
 from optuna import TrialPruned
 from rich.console import Console
 
-from research import checkpoints, inputs, models, runlog, tracking
-from research import config as config_mod
-from research.config import ConfigError, TrainConfig
+from research import checkpoints, configfile, inputs, models, runlog, tracking
+from research.config import TrainConfig
 from research.data.versions import Version, load_version, mlflow_dataset
-from research.errors import UserFixable
+from research.errors import ConfigError, UserFixable
 from research.inputs.decoded import split_items
 from research.inputs.loaders import Loaders
 from research.inputs.routes import Route
@@ -134,7 +133,7 @@ def resume(ref: str, checkpoint_root: str | None = None, **kwargs) -> TrainResul
     """Continue an interrupted run in the same MLflow run from its last finished epoch."""
     ckdir, run_id = checkpoints.find_checkpoint(ref, checkpoint_root)
     checkpoint = checkpoints.load_checkpoint(ckdir / "last.pt")
-    cfg = config_mod.from_dict(TrainConfig, checkpoint["config"])
+    cfg = configfile.from_dict(TrainConfig, checkpoint["config"])
     tracking.setup()
     tracking.check_reachable()
     with checkpoints.live_run(ckdir, run_id):  # refused (pid, host) while another process trains it
@@ -409,7 +408,7 @@ def flat_params(cfg: TrainConfig) -> dict[str, Any]:
     the run does not use (a teacher's) left out."""
     out: dict[str, Any] = {}
     unused = inputs.unused_keys(cfg)
-    for key, value in config_mod.to_dict(cfg).items():
+    for key, value in configfile.to_dict(cfg).items():
         if key in unused:
             continue
         if isinstance(value, dict):
@@ -472,7 +471,7 @@ def log_run_inputs(parts: Parts, run_id: str) -> None:
     cfg, version = parts.cfg, parts.version
     ckdir = checkpoints.checkpoint_dir(cfg.checkpoint_dir, run_id)
     ckdir.mkdir(parents=True, exist_ok=True)
-    config_mod.save(cfg, ckdir / "config.yaml")
+    configfile.save(cfg, ckdir / "config.yaml")
     prep = {f"preprocess.{k}": v for k, v in parts.prep.as_dict().items() if k != "image_size"}
     source = models.weights_source(parts.model)
     prep |= source.as_params() if source is not None else {}
@@ -556,7 +555,7 @@ def checkpoint(parts: Parts, state: TrainState, run_id: str) -> dict[str, Any]:
     return {
         "model": parts.trained.state_dict(), "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(), "ema": parts.ema.state_dict() if parts.ema is not None else None,
-        "state": dataclasses.asdict(state), "rng": checkpoints.rng_state(), "config": config_mod.to_dict(parts.cfg),
+        "state": dataclasses.asdict(state), "rng": checkpoints.rng_state(), "config": configfile.to_dict(parts.cfg),
         "run_id": run_id, "classes": list(parts.data.classes),
     }
 
@@ -597,8 +596,8 @@ def config_from_args(args) -> TrainConfig:
         value = getattr(args, field.name, None)
         if value is not None:
             overrides[field.name] = value
-    overrides = config_mod.merge(overrides, config_mod.parse_overrides(args.overrides))
-    return config_mod.load(TrainConfig, args.config, overrides)
+    overrides = configfile.merge(overrides, configfile.parse_overrides(args.overrides))
+    return configfile.load(TrainConfig, args.config, overrides)
 
 
 def run(args) -> int:

@@ -110,10 +110,10 @@ def get(name: str, mirror: str | None = None, progress: bool = True) -> Path:
         return download(url, src.dest, progress)
     from huggingface_hub import hf_hub_download
 
-    from research.pretrained import _hf_cache_dir, verified_cache_file
+    from research.pretrained import hf_cache_dir, verified_cache_file
 
     try:
-        path = Path(hf_hub_download(src.hf_repo, src.hf_file, cache_dir=_hf_cache_dir(), endpoint=mirror))
+        path = Path(hf_hub_download(src.hf_repo, src.hf_file, cache_dir=hf_cache_dir(), endpoint=mirror))
     except Exception as exc:  # the hub client's own errors: offline, unknown repo
         raise ConfigError(f"{src.hf_repo}/{src.hf_file}: could not download ({type(exc).__name__}: {exc}).") from None
     verified_cache_file(path)  # a blob is named by its sha256

@@ -209,14 +209,14 @@ EXPERIMENT = "test-registry"  # the experiment of the store fixture's runs
 
 
 def tiny_cfg(version_dir: Path, tmp: Path, **changes) -> TrainConfig:
-    from research import config as config_mod
+    from research import configfile
     from research.config import TrainConfig
 
     # lr 1e-3: AdamW at 0.05 diverges on this tiny set (test F1 at chance), and `good` must beat `weak`
     base = dict(model="resnet18", dataset=str(version_dir), image_size=32, epochs=2, batch_size=8, lr=1e-3,
                 optimizer="adamw", lr_schedule="constant", experiment=EXPERIMENT, checkpoint_dir=str(tmp / "ckpt"),
                 device="cpu", seed=0)
-    return config_mod.from_dict(TrainConfig, base | changes)
+    return configfile.from_dict(TrainConfig, base | changes)
 
 
 class Store:

@@ -14,8 +14,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from research import artifacts, registry
+from research import artifacts, registry, runquery
 from research.cli import main
+from research.errors import ConfigError
+from research.store import Objective, study_objective
 from research.sweep import sweep
 from tests.conftest import tiny_cfg
 from tests.test_sweep import tiny_spec
@@ -27,7 +29,7 @@ def all_files(client) -> list[tuple[str, str, int]]:
     """(owner, path, bytes) of every artifact of every run and live logged model, through MLflow."""
     from mlflow.entities import ViewType
 
-    from research.registry import search_all_runs
+    from research.store import search_all_runs
 
     ids = [e.experiment_id for e in client.search_experiments()]
     out = []
@@ -69,7 +71,7 @@ def test_a_run_stores_its_weights_once_and_promote_adds_no_copy(tiny_version, ml
     p = registry.promote(run_id=run_id, name="once")
     assert weight_owners(client) == [run_id]  # the version is the run's own model, not a copy
     version = client.get_model_version("once", p.version)
-    assert version.source == f"models:/{registry.run_model(client, run_id).model_id}", version
+    assert version.source == f"models:/{runquery.run_model(client, run_id).model_id}", version
 
     served = registry.load_model("models:/once@champion").predict(pd.DataFrame({"image": [white_png()]}))
     assert list(served.columns[:2]) == ["label", "probability"] and served["error"].iloc[0] == ""
@@ -90,6 +92,8 @@ def test_a_study_keeps_the_weights_of_its_top_k_trials_and_the_champion(tiny_ver
     parent = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                 "tags.optuna_role = 'parent'")[0]
     assert parent.data.params["keep_top_k"] == "2"
+    assert study_objective(parent) == Objective("maximize", "val_f1_macro")  # recorded as values, not a string
+    assert "objective" not in parent.data.params
     trials = artifacts.trial_runs(client, parent)
     assert len(trials) == 5
     ranked = sorted(trials, key=lambda r: (-r.data.metrics["objective"], r.info.start_time))  # ties: earlier first
@@ -104,7 +108,7 @@ def test_a_study_keeps_the_weights_of_its_top_k_trials_and_the_champion(tiny_ver
     # the champion is the best trial; a promote of a dropped trial says why it cannot be
     champion = registry.promote(study="tiny", name="kept")
     assert champion.run_id == ranked[0].info.run_id
-    with pytest.raises(registry.ConfigError, match="keep_top_k"):
+    with pytest.raises(ConfigError, match="keep_top_k"):
         registry.promote(run_id=ranked[-1].info.run_id, name="kept")
 
     # gc with k=1 would drop the runner-up, never the registered champion; dry run first

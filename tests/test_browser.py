@@ -20,8 +20,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from research import config as config_mod
-from research import tracking
+from research import configfile, tracking
 from research.sweep import SweepSpec, sweep
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -66,7 +65,7 @@ def page(browser: str, url: str, shot: Path, profile: Path) -> str:
 @pytest.fixture
 def filled_store(tiny_version, mlflow_store, tmp_path):
     """A finished 2-trial study and its promoted champion in the test's store."""
-    spec = config_mod.from_dict(SweepSpec, {
+    spec = configfile.from_dict(SweepSpec, {
         "study_name": "browser", "n_trials": 2,
         "base": {"model": "resnet18", "dataset": str(tiny_version), "image_size": 32, "epochs": 1,
                  "batch_size": 8, "device": "cpu", "checkpoint_dir": str(tmp_path / "ckpt")},

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from research.config import ConfigError
 from research.data.clean import clean
+from research.errors import ConfigError
 
 SPEC = {"cat": ("circle", 14), "dog": ("square", 12), "cat_photo": ("photo", 3), "dog_photo": ("photo", 3)}
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.registry import PromotionRefused, promote
 from research.train import build_parts, train
 from tests.conftest import EXPERIMENT, tiny_cfg
@@ -163,13 +163,13 @@ def test_a_distilled_run_records_its_teacher_and_serves_what_it_measured(store, 
 
 
 def test_the_report_shows_a_distilled_champions_teacher_beside_it(store, teachers):
-    from research import config as config_mod
+    from research import configfile
     from research.report import report
     from research.sweep import SweepSpec, sweep
 
     storage = f"journal:{store.workdir / 'distill.journal'}"
-    base = config_mod.to_dict(distill_cfg(store, epochs=1)) | {"experiment": "distill-study"}
-    spec = config_mod.from_dict(SweepSpec, {"study_name": "distill", "n_trials": 1, "base": base, "space": {},
+    base = configfile.to_dict(distill_cfg(store, epochs=1)) | {"experiment": "distill-study"}
+    spec = configfile.from_dict(SweepSpec, {"study_name": "distill", "n_trials": 1, "base": base, "space": {},
                                             "pruner": {"name": "none"}})
     sweep(spec, storage)
     rep = report("distill", baseline=[store.weak], storage_url=storage, out_dir=store.workdir / "report", log=False)
@@ -194,9 +194,9 @@ def test_a_teacher_trained_on_other_data_is_refused_in_one_line(store, teachers,
 
     cfg = tiny_cfg(version.dir, store.workdir, teacher="models:/teacher@champion", experiment="refused")
     path = store.workdir / "refused.yaml"
-    from research import config as config_mod
+    from research import configfile
 
-    config_mod.save(cfg, path)
+    configfile.save(cfg, path)
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: teacher models:/teacher@champion (version 1") and "Traceback" not in err, err

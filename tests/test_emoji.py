@@ -86,7 +86,7 @@ def test_same_seed_same_bytes_different_seed_differs(built, tmp_path):
 
 @needs_npm_styles
 def test_rebuild_replaces_a_previous_build_but_not_a_foreign_folder(built, tmp_path):
-    from research.config import ConfigError
+    from research.errors import ConfigError
 
     foreign = tmp_path / "mine"
     foreign.mkdir()
@@ -101,7 +101,7 @@ def test_rebuild_replaces_a_previous_build_but_not_a_foreign_folder(built, tmp_p
 
 
 def test_unknown_class_names_the_valid_ones(tmp_path):
-    from research.config import ConfigError
+    from research.errors import ConfigError
 
     with pytest.raises(ConfigError, match="animal-mammal"):
         build_dataset(tmp_path / "x", classes=["sky & weather"], progress=False)
@@ -126,7 +126,7 @@ def test_a_build_of_fewer_styles_is_another_dataset(built, tmp_path):
 
 
 def test_unknown_style_names_the_valid_ones(tmp_path):
-    from research.config import ConfigError
+    from research.errors import ConfigError
 
     with pytest.raises(ConfigError, match="fluent-hc"):
         build_dataset(tmp_path / "x", styles=["fluent"], progress=False)

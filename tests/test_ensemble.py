@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from research.cli import main
-from research.config import ConfigError
 from research.ensemble import Ensemble
+from research.errors import ConfigError
 from research.predict import evaluate_served
-from research.registry import CHAMPION, Champion, PromotionRefused, gate, pick_run, promote
+from research.registry import CHAMPION, Champion, PromotionRefused, gate, promote
+from research.runquery import pick_run
 from tests.conftest import EXPERIMENT
 from tests.test_calibration import assert_temperature_fitted_on_val
 

@@ -18,7 +18,7 @@ import torch
 
 from research import tracking
 from research.cli import main
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.predict import evaluate_served
 from research.registry import CHAMPION, PromotionRefused, promote
 from research.serving import META_FILE, model_meta, pip_requirements

@@ -76,13 +76,13 @@ def test_low_level_modules_do_not_import_the_config(module):
 
 
 # research/data: the dataset stages, and what they share with the rest of the package (the decode rule, the
-# parallel map, the output guard, reading a version). Anything that feeds the trainer (the decoded-image
+# image grid, the parallel map, the output guard, reading a version). Anything that feeds the trainer (the decoded-image
 # store, the loaders, stored trunk activations) lives in research/inputs instead.
 DATA_STAGES = {"research.data.cli", "research.data.emoji", "research.data.make_classmap", "research.data.scan",
-               "research.data.photo_features", "research.data.clean", "research.data.split",
-               "research.data.offline_augment", "research.data.sources"}
-DATA_SHARED = {"research.data", "research.data.image", "research.data.pool", "research.data.outputs",
-               "research.data.versions"}
+               "research.data.photo_features", "research.data.clean", "research.data.split", "research.data.sources",
+               "research.data.offline_augment"}
+DATA_SHARED = {"research.data", "research.data.image", "research.data.grid", "research.data.pool",
+               "research.data.outputs", "research.data.versions"}
 # what the input path must never reach, directly or through others: a stage, a command-line entry, the trainer
 INPUTS_MUST_NOT_REACH = DATA_STAGES | {"research.__main__", "research.cli", "research.train"}
 
@@ -137,3 +137,46 @@ def test_the_layering_check_finds_a_loader_in_data():
     assert layering_violations(inputs_use_train) == [
         "research.inputs.loaders -> research.train: the training input path must not import a stage, a CLI or "
         "the trainer"]
+
+
+# The floors, lowest first. A module may import its own floor and those below, never one above. The ground floor
+# is what every module may import: it imports nothing of the project above it. The store layer reads and locks the
+# tracking store. Then the dataset stages (research/data), then everything else (the trainer's config included).
+GROUND = {"research.errors", "research.locks", "research.progress", "research.configfile", "research.data.image",
+          "research.data.grid"}
+STORE = {"research.store", "research.runquery", "research.tracking", "research.checkpoints"}
+
+
+def floor_of(module: str) -> int:
+    if module in GROUND:
+        return 0
+    if module in STORE:
+        return 1
+    return 2 if in_package(module, "research.data") else 3
+
+
+def imports_pointing_up(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{m} -> {d}" for m in sorted(graph) for d in sorted(graph[m]) if floor_of(d) > floor_of(m)]
+
+
+def test_no_import_points_back_up_and_data_stages_do_not_import_the_trainers_config():
+    graph = import_graph()
+    assert GROUND | STORE <= set(graph), "the floors are where this test expects them"
+    assert imports_pointing_up(graph) == []
+    assert [m for m in sorted(graph) if in_package(m, "research.data") and "research.config" in graph[m]] == []
+
+
+def test_the_floor_check_finds_an_import_pointing_up():
+    assert imports_pointing_up({"research.store": {"research.data.pool"}, "research.data.clean": {"research.eda"},
+                                "research.eda": {"research.data.grid"}}) == [
+        "research.data.clean -> research.eda", "research.store -> research.data.pool"]
+
+
+def test_no_private_name_is_imported_across_modules():
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("research"):
+                found += [f"{module_name(path)}: from {node.module} import {a.name}" for a in node.names
+                          if a.name.startswith("_")]
+    assert found == []

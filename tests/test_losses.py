@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from research.config import LOSSES, ConfigError, TrainConfig
+from research.config import LOSSES, TrainConfig
+from research.errors import ConfigError
 from research.losses import build_loss
 
 LOGITS = [[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-0.5, 1.5, 0.0]]

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.models import build_model, weights_source
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from research import predict as predict_mod
 from research.cli import main
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.predict import MAX_BATCH_BYTES, collect, plan_batches, predict_files
 from research.registry import promote
 from research.serving import load_model

@@ -14,7 +14,7 @@ timm = pytest.importorskip("timm")
 skdata = pytest.importorskip("skimage.data")
 
 from research import pretrained  # noqa: E402
-from research.config import ConfigError  # noqa: E402
+from research.errors import ConfigError  # noqa: E402
 from research.pretrained import PACKAGE_SOURCES, PackageSource  # noqa: E402
 
 LITE = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]

@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from research.cli import main
-from research.config import ConfigError
-from research.registry import CHAMPION, PREVIOUS, PromotionRefused, pick_run, promote
+from research.errors import ConfigError
+from research.registry import CHAMPION, PREVIOUS, PromotionRefused, promote
+from research.runquery import pick_run
 from tests.conftest import EXPERIMENT, Store, tiny_cfg
 from tests.test_serving import free_port
 

@@ -13,10 +13,10 @@ import numpy as np
 import optuna
 import pytest
 
-from research import config as config_mod
+from research import configfile
 from research import report as report_module
 from research.cli import main
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.report import report
 from research.sweep import SweepSpec, make_storage, sweep
 from tests.conftest import private_store  # chdir: the cached loader's data/cache/, the report's reports/
@@ -36,7 +36,7 @@ def tiny_spec(version_dir, tmp_path, study_name: str, n_trials: int, space: dict
         "pruner": {"name": "none"},
         "heartbeat_interval": 1, "heartbeat_grace": 5,
     }
-    return config_mod.from_dict(SweepSpec, data)
+    return configfile.from_dict(SweepSpec, data)
 
 
 class Studies:

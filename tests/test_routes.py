@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from research import inputs
-from research.config import LOADERS, ConfigError, TrainConfig
+from research.config import LOADERS, TrainConfig
+from research.errors import ConfigError
 from research.inputs.features import FeatureRoute
 from research.inputs.loaders import Batch
 from research.inputs.routes import Route
@@ -24,9 +25,9 @@ def test_every_loader_name_has_a_route():
     ({"loader": "features", "augment": {"mixup": 0.2}}, "mixup/cutmix of images cannot apply"),
 ])
 def test_a_route_refuses_what_it_cannot_train(changes, needle):
-    from research import config as config_mod
+    from research import configfile
 
-    cfg = config_mod.from_dict(TrainConfig, changes)  # the config alone is valid; the route says no
+    cfg = configfile.from_dict(TrainConfig, changes)  # the config alone is valid; the route says no
     with pytest.raises(ConfigError, match=needle):
         inputs.route(cfg)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import RandomSampler, WeightedRandomSampler
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.samplers import epoch_indices, make_sampler, sample_weights
 
 # 8x imbalance: 800 / 300 / 100 images

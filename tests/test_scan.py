@@ -147,7 +147,7 @@ def test_parallel_scan_equals_serial_and_digest_is_order_free(make_tree):
 
 
 def test_scan_of_a_missing_folder_names_it(tmp_path):
-    from research.config import ConfigError
+    from research.errors import ConfigError
 
     with pytest.raises(ConfigError, match="nope"):
         scan(tmp_path / "nope")

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from research.config import ConfigError, TrainConfig, replace
+from research.config import TrainConfig
+from research.configfile import replace
+from research.errors import ConfigError
 from research.schedules import build_optimizer, build_scheduler, param_groups, parse_epoch_list
 from research.train import optimizer_groups
 

@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 
 from research import tracking
-from research.config import ConfigError
 from research.data.image import IMAGENET_MEAN, IMAGENET_STD
+from research.errors import ConfigError
 from research.registry import promote
 from research.serving import (
     CHAMPION,

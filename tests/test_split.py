@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
 
-from research.config import ConfigError
 from research.data.offline_augment import OfflineAugment, augment_image
 from research.data.split import LeakageError, Recipe, build_version, check_leakage, load_recipe, shipped_recipes
 from research.data.versions import load_version, mlflow_dataset
+from research.errors import ConfigError
 
 # class -> number of drawings; each drawing is two files (a re-render) in one group
 CLASSES = {"ant": 20, "bee": 10, "cat": 6, "dog": 4}

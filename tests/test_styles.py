@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from research.config import ConfigError
 from research.data.split import build_version
 from research.data.versions import load_version
+from research.errors import ConfigError
 from research.styles import ensemble_by_style, latest_for_run, leave_one_style_out, parent_run
 from tests.conftest import draw_image, private_store, tiny_cfg
 
@@ -59,7 +59,7 @@ def styled_version(tmp_path_factory):
 
 def test_a_held_out_style_is_the_whole_test_split_and_nowhere_else(styled_version):
     base = load_version(styled_version)
-    from research.config import from_dict
+    from research.configfile import from_dict
     from research.data.split import Recipe
 
     recipe = from_dict(Recipe, {**base.info["recipe"], "holdout_style": "mono"})
@@ -77,7 +77,7 @@ def test_a_held_out_style_is_the_whole_test_split_and_nowhere_else(styled_versio
 
 def test_a_val_style_is_the_whole_val_split_and_training_sees_only_the_rest(styled_version):
     base = load_version(styled_version)
-    from research.config import from_dict
+    from research.configfile import from_dict
     from research.data.split import Recipe
 
     recipe = from_dict(Recipe, {**base.info["recipe"], "holdout_style": "mono", "val_style": "pastel"})
@@ -109,7 +109,7 @@ def test_a_drawing_copied_into_another_style_is_left_out_when_either_style_is_he
     """Holding ink out, COPIED (pastel, ink_0's drawing) would put a test drawing into training: it goes, and so
     does ink_0 when pastel is held out; no other drawing is left out, and no image kept outside test is a
     perceptual near-match of a test image."""
-    from research.config import from_dict
+    from research.configfile import from_dict
     from research.data.split import Recipe, hash_file, near_matches
 
     base = load_version(styled_version)
@@ -273,7 +273,7 @@ def test_a_style_family_is_held_out_whole(tmp_path):
     assert (twins == 1).all()  # a drawing and its re-colouring never straddle splits
     assert mixed.info["style_families"] == {"duo": ["flat", "line"], "ink": ["ink"], "pastel": ["pastel"]}
 
-    from research.config import from_dict
+    from research.configfile import from_dict
     from research.data.split import Recipe
 
     recipe = from_dict(Recipe, {**mixed.info["recipe"], "holdout_style": "duo"})

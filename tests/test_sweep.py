@@ -8,8 +8,8 @@ import mlflow
 import optuna
 import pytest
 
-from research import config as config_mod
-from research.config import ConfigError
+from research import configfile
+from research.errors import ConfigError
 from research.sweep import SweepSpec, load_spec, make_storage, sweep
 
 SWEEPS = sorted((Path(__file__).resolve().parent.parent / "sweeps").glob("*.yaml"))
@@ -28,7 +28,7 @@ def tiny_spec(version_dir, tmp_path, **changes) -> SweepSpec:
         "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
         "heartbeat_interval": 1, "heartbeat_grace": 5,
     }
-    return config_mod.from_dict(SweepSpec, config_mod.merge(data, changes))
+    return configfile.from_dict(SweepSpec, configfile.merge(data, changes))
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
@@ -39,14 +39,14 @@ def test_every_shipped_spec_loads(path):
 
 def test_empty_space_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="n_trials: 1"):
-        config_mod.from_dict(SweepSpec, {"base": {}, "space": {}})
-    fixed = config_mod.from_dict(SweepSpec, {"base": {}, "space": {}, "n_trials": 1})  # a baseline: one fixed config
+        configfile.from_dict(SweepSpec, {"base": {}, "space": {}})
+    fixed = configfile.from_dict(SweepSpec, {"base": {}, "space": {}, "n_trials": 1})  # a baseline: one fixed config
     assert fixed.space == {}
     with pytest.raises(ConfigError, match=r"enqueue\[0\]: lrr not in the search space"):
-        config_mod.from_dict(SweepSpec, {"base": {}, "space": {"lr": {"type": "float", "low": 1, "high": 2}},
+        configfile.from_dict(SweepSpec, {"base": {}, "space": {"lr": {"type": "float", "low": 1, "high": 2}},
                                          "enqueue": [{"lrr": 1.5}]})
     with pytest.raises(ConfigError, match="space.lrr"):
-        config_mod.from_dict(SweepSpec, {"base": {}, "space": {"lrr": {"type": "float", "low": 1, "high": 2}}})
+        configfile.from_dict(SweepSpec, {"base": {}, "space": {"lrr": {"type": "float", "low": 1, "high": 2}}})
 
 
 @pytest.mark.slow
@@ -108,7 +108,7 @@ def test_cli_runs_a_spec(tiny_version, mlflow_store, tmp_path, capsys):
     spec_file = tmp_path / "s.yaml"
     import yaml
 
-    data = config_mod.to_dict(tiny_spec(tiny_version, tmp_path, n_trials=1, study_name="cli", base={"epochs": 1}))
+    data = configfile.to_dict(tiny_spec(tiny_version, tmp_path, n_trials=1, study_name="cli", base={"epochs": 1}))
     spec_file.write_text(yaml.safe_dump(data))
     assert main(["sweep", str(spec_file), "--storage", f"journal:{tmp_path / 'cli.journal'}"]) == 0
     assert "python -m research promote --study cli\n" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from research import config as config_mod
+from research import configfile
 from research.sweep import SweepSpec, summarize
 from research.sweep.storage import open_study
 from research.sweep.worker import parent_run_id
@@ -20,7 +20,7 @@ DISTRIBUTIONS = {"lr": FloatDistribution(1e-4, 0.2, log=True),
 
 @pytest.mark.slow
 def test_summary_is_in_words_with_the_next_commands(mlflow_store, tmp_path, capsys):
-    spec = config_mod.from_dict(SweepSpec, {
+    spec = configfile.from_dict(SweepSpec, {
         "study_name": "words", "n_trials": 5, "base": {"model": "resnet18"},
         "space": {"lr": {"type": "float", "low": 1e-4, "high": 0.2, "log": True},
                   "sampler": {"type": "categorical", "choices": ["shuffle", "weighted"]}}})

@@ -5,8 +5,9 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from research import config as config_mod
-from research.config import ConfigError, TrainConfig
+from research import configfile
+from research.config import TrainConfig
+from research.errors import ConfigError
 from research.runlog import EPOCH_METRICS
 from research.train import resume, train
 
@@ -19,7 +20,7 @@ def tiny_cfg(version_dir, tmp_path, **changes) -> TrainConfig:
     base = dict(model="resnet18", dataset=str(version_dir), image_size=32, epochs=2, batch_size=8, lr=0.05,
                 lr_schedule="cosine", loss="focal", sampler="weighted", experiment="test-train",
                 checkpoint_dir=str(tmp_path / "ckpt"), device="cpu")
-    return config_mod.from_dict(TrainConfig, base | changes)
+    return configfile.from_dict(TrainConfig, base | changes)
 
 
 def artifact_paths(client, run_id, path=""):
@@ -109,7 +110,7 @@ def test_bad_choices_name_the_valid_ones(tiny_version, tmp_path):
     with pytest.raises(ConfigError, match="1e-3"):
         tiny_cfg(tiny_version, tmp_path, lr_schedule="1e-3:ten")
     with pytest.raises(ConfigError, match="Unknown config key 'learning_rate'.*Valid keys:.* lr,"):
-        config_mod.from_dict(TrainConfig, {"learning_rate": 0.1})
+        configfile.from_dict(TrainConfig, {"learning_rate": 0.1})
 
 
 @pytest.mark.slow

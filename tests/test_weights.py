@@ -15,7 +15,7 @@ import torch
 
 from research import weights
 from research.cli import main
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.pretrained import verified_cache_file
 
 

@@ -47,9 +47,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from research.config import ConfigError
 from research.data import outputs
 from research.data import photo_features as pf
+from research.errors import ConfigError
 
 METHODS = ("agglomerative", "dbscan", "gmm", "score", "auto")
 FEATURES = ("raw", "pca", "photo")
@@ -443,7 +443,7 @@ def plot_clusters(data: Data, result: Result, out: Path, per_cluster: int = 40, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from research.eda import image_grid
+    from research.data.grid import image_grid
 
     out.mkdir(parents=True, exist_ok=True)
     if result.linkage is not None:

@@ -3,7 +3,8 @@
 Every path that turns a file into pixels (scan, clean features, the offline augmentation, the cache, the
 ImageFolder loader, serving, predict) goes through `open_rgb` and `resize_square`, so a drawing reads the
 same everywhere. torch is imported only inside `normalize`: the scan CLI imports this module and must
-start fast.
+start fast. It imports nothing of the project, so every module may import it (the trainer's config reads the
+pixel limit here).
 """
 
 from __future__ import annotations

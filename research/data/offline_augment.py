@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from research.config import ConfigError
 from research.data.image import WHITE, open_rgb, to_rgb
+from research.errors import ConfigError
 
 # v2 transforms draw from torch's global RNG, which threads share: seed-and-draw must not interleave.
 _RNG_LOCK = threading.Lock()

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from research.data.image import open_rgb  # also imported from here by research/eda.py
+from research.data.image import open_rgb
 from research.data.pool import pmap, workers_for
 
 RAW_SIZE = 32

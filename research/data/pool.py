@@ -1,4 +1,4 @@
-"""What parallel workers share: one parallel map, one progress bar, one cross-process file lock.
+"""What parallel workers share: one parallel map and one progress bar.
 
 Decoding and hashing images is CPU-bound Python + Pillow, so the stages fan out to worker processes
 (threads where the work releases the GIL or shares state). Small inputs run inline: starting a pool
@@ -8,25 +8,10 @@ costs more than it saves.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
-
-
-@contextlib.contextmanager
-def file_lock(path: str | Path) -> Iterator[None]:
-    """An exclusive lock across processes on one machine (fcntl on the regular file `path`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def workers_for(workers: int | None = None, cap: int | None = None) -> int:

@@ -233,7 +233,7 @@ def scan(root: str | Path, workers: int | None = None, progress: bool = True):
 
     root = Path(root)
     if not root.is_dir():
-        from research.config import ConfigError
+        from research.errors import ConfigError
 
         raise ConfigError(f"scan: '{root}' is not a folder; pass the root of a class-per-folder tree.")
     entries = walk(root)

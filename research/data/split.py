@@ -37,12 +37,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from research import config
-from research.config import ConfigError
+from research import configfile
 from research.data import outputs
 from research.data.image import SPLITS, open_rgb, to_rgb
 from research.data.offline_augment import OfflineAugment, png_bytes, write_augmented
 from research.data.pool import pmap, workers_for
+from research.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 MANIFEST_COLUMNS = ["path", "class", "split", "group", "sha256", "source_path", "augmented_from", "style", "family"]
@@ -142,17 +142,17 @@ def shipped_recipes() -> list[str]:
 def load_recipe(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
     """A shipped recipe by name (`v3`), a YAML file, or the defaults (None), plus overrides."""
     if recipe is None:
-        return config.load(Recipe, None, overrides)
+        return configfile.load(Recipe, None, overrides)
     path = Path(recipe)
     if not path.suffix and not path.exists():
         path = RECIPES_DIR / f"{recipe}.yaml"
         if not path.is_file():
             raise ConfigError(f"No recipe {recipe!r}: give a YAML file or one of {', '.join(shipped_recipes())}.")
-    return config.load(Recipe, path, overrides)
+    return configfile.load(Recipe, path, overrides)
 
 
 def recipe_dict(recipe: Recipe) -> dict[str, Any]:
-    return config.to_dict(recipe)
+    return configfile.to_dict(recipe)
 
 
 # ---------------------------------------------------------------------------------------
@@ -800,7 +800,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    overrides = config.parse_overrides(args.set)
+    overrides = configfile.parse_overrides(args.set)
     if args.group_by:
         overrides["group_by"] = args.group_by
     if args.exclude_class:

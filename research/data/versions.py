@@ -16,8 +16,8 @@ from typing import Any
 
 import pandas as pd
 
-from research.config import ConfigError
 from research.data.image import SPLITS
+from research.errors import ConfigError
 
 
 @dataclasses.dataclass

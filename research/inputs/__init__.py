@@ -47,7 +47,7 @@ def _load(ref: str) -> Any:
 def route(cfg: TrainConfig) -> Route:
     """The route `cfg` asks for (not built yet), its config checked: a key of a route or layer it does not take
     is refused by name, then the route and each layer check the rest."""
-    from research.config import ConfigError
+    from research.errors import ConfigError
 
     chosen = _load(ROUTES[cfg.loader])
     layers = [_load(ref) for ref in LAYERS]

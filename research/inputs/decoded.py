@@ -32,10 +32,10 @@ import numpy as np
 from PIL import Image
 
 from research import verify
-from research.config import ConfigError
 from research.data import image
 from research.data.image import SPLITS
 from research.data.pool import pmap
+from research.errors import ConfigError
 
 CACHE_FORMAT = 2  # bump when the decode rule or the layout changes: old caches are then rebuilt
 CHUNK = 64  # images per worker task

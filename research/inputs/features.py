@@ -27,9 +27,10 @@ import torch
 from rich.console import Console
 
 from research import verify
-from research.config import ConfigError, TrainConfig
+from research.config import TrainConfig
 from research.data.image import SPLITS
 from research.data.pool import progress_bar
+from research.errors import ConfigError
 from research.inputs import decoded
 from research.inputs.loaders import (
     Batch,

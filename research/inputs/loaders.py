@@ -36,8 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from research.config import AugmentConfig, ConfigError, TrainConfig
+from research.config import AugmentConfig, TrainConfig
 from research.data.image import IMAGENET_MEAN, IMAGENET_STD, SPLITS
+from research.errors import ConfigError
 from research.inputs import decoded
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale

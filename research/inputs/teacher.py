@@ -39,7 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from research.config import ConfigError, TrainConfig
+from research.config import TrainConfig
+from research.errors import ConfigError
 from research.inputs import decoded
 from research.inputs.features import EMBED_BATCH, weights_digest
 from research.inputs.loaders import Batch, BatchAugment, BatchMix, CachedBatches, Loaders, Normalize
@@ -83,7 +84,7 @@ def find_version(uri: str) -> TeacherVersion:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from research.serving import first_line
+    from research.errors import first_line
 
     client = mlflow.MlflowClient()
     name, kind, ref = parse_uri(uri)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from research import config as config_mod
+from research import configfile
 from research.sweep.spec import load_spec
 
 
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     # torch, optuna and mlflow load here, when a sweep runs, so that `sweep --help` stays instant
     from research.sweep.worker import run_worker, sweep
 
-    overrides = config_mod.parse_overrides(args.overrides)
+    overrides = configfile.parse_overrides(args.overrides)
     for key in ("n_trials", "timeout", "study_name"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)

@@ -13,8 +13,9 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from research import config as config_mod
-from research.config import SEED_MAX, ConfigError, Range, TrainConfig, check_ranges
+from research import configfile
+from research.config import SEED_MAX, Range, TrainConfig, check_ranges
+from research.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -180,7 +181,7 @@ class SweepSpec:
         if self.study_name is not None and not self.study_name.strip():
             raise ConfigError("study_name is empty: name the study (--study-name NAME, or study_name: in the spec), "
                               "or leave it out to use the spec file's name.")
-        self.space = {k: v if isinstance(v, ParamSpec) else config_mod.from_dict(ParamSpec, v, f"space.{k}.")
+        self.space = {k: v if isinstance(v, ParamSpec) else configfile.from_dict(ParamSpec, v, f"space.{k}.")
                       for k, v in self.space.items()}
         base = base_config(self)
         try:
@@ -191,7 +192,7 @@ class SweepSpec:
             param.check_distribution(key)
             for value in param.probes():
                 try:
-                    config_mod.replace(base, **nest({key: value}))
+                    configfile.replace(base, **nest({key: value}))
                 except ConfigError as exc:
                     raise ConfigError(f"space.{key} = {value!r}: {exc}") from exc
         for i, params in enumerate(self.enqueue):
@@ -228,7 +229,7 @@ class SweepSpec:
 
 
 def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """`{"augment.mixup": 0.2}` -> `{"augment": {"mixup": 0.2}}`, the shape config_mod.replace takes."""
+    """`{"augment.mixup": 0.2}` -> `{"augment": {"mixup": 0.2}}`, the shape configfile.replace takes."""
     out: dict[str, Any] = {}
     for key, value in flat.items():
         node = out
@@ -243,7 +244,7 @@ def base_config(spec: SweepSpec) -> TrainConfig:
     from research import inputs
 
     try:
-        base = config_mod.from_dict(TrainConfig, spec.base, prefix="base.")
+        base = configfile.from_dict(TrainConfig, spec.base, prefix="base.")
         inputs.route(base)  # the input route's own checks (e.g. trainable_stages only on stored features)
         return base
     except ConfigError as exc:
@@ -253,12 +254,12 @@ def base_config(spec: SweepSpec) -> TrainConfig:
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
     """A spec from YAML (study name: the file's stem unless set), or from the resolved JSON a launcher writes."""
     path = Path(path)
-    data = config_mod.merge(config_mod.read_yaml(path), overrides or {})  # read_yaml reads a .json file as JSON
+    data = configfile.merge(configfile.read_yaml(path), overrides or {})  # read_yaml reads a .json file as JSON
     missing = [f"`{key}`" for key in ("base", "space") if key not in data]
     if missing:
         raise ConfigError(f"{path} has no {' and no '.join(missing)}: a sweep spec needs `base` (TrainConfig keys) and "
                           "`space` (the keys to search; {} for one fixed config), e.g. sweeps/demo.yaml.")
-    spec = config_mod.from_dict(SweepSpec, data)
+    spec = configfile.from_dict(SweepSpec, data)
     if spec.study_name is None and path.suffix != ".json":
         spec.study_name = path.stem
     return spec

@@ -27,7 +27,8 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from research import tracking
-from research.config import ConfigError, TrainConfig
+from research.config import TrainConfig
+from research.errors import ConfigError
 from research.store import database_lock
 from research.sweep.spec import SweepSpec
 

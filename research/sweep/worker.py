@@ -22,10 +22,11 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
-from research import config as config_mod
-from research import tracking
+from research import configfile, tracking
 from research.artifacts import keep_top_weights
-from research.config import ConfigError, TrainConfig
+from research.config import TrainConfig
+from research.errors import ConfigError
+from research.store import objective_params
 from research.sweep.spec import ParamSpec, SweepSpec, base_config, nest
 from research.sweep.storage import Heartbeat, default_storage_url, fail_stale_trials, open_study, slot_lock
 from research.sweep.summary import params_text, summarize
@@ -49,12 +50,13 @@ def parent_run_id(study: optuna.Study, spec: SweepSpec, spec_path: str | None) -
     )
     rid = run.info.run_id
     client.log_param(rid, "study_name", spec.study_name)
-    client.log_param(rid, "objective", f"{spec.objective.direction} {spec.objective.metric}")
+    for key, value in objective_params(spec.objective.direction, spec.objective.metric).items():
+        client.log_param(rid, key, value)
     client.log_param(rid, "sampler", spec.sampler.name)
     client.log_param(rid, "pruner", spec.pruner.name)
     client.log_param(rid, "n_trials", spec.n_trials)
     client.log_param(rid, "keep_top_k", spec.keep_top_k)
-    client.log_dict(rid, config_mod.to_dict(spec), "sweep_spec.json")
+    client.log_dict(rid, configfile.to_dict(spec), "sweep_spec.json")
     if spec_path:
         client.log_artifact(rid, str(spec_path))
     study.set_user_attr("mlflow_parent_run_id", rid)
@@ -176,7 +178,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, base: T
     console.print(f"{f'[{worker}] ' if worker else ''}study {spec.study_name}: trial #{trial.number} "
                   f"({count_finished(study)} of {spec.n_trials} finished): {params_text(params)}",
                   markup=False, highlight=False, soft_wrap=True)
-    cfg = config_mod.replace(base, **nest(params), experiment=spec.experiment_name,
+    cfg = configfile.replace(base, **nest(params), experiment=spec.experiment_name,
                              run_name=f"{spec.study_name} #{trial.number} {params.get('model', base.model)}")
 
     def on_start(run_id: str) -> None:
@@ -283,7 +285,7 @@ def launch_workers(spec: SweepSpec, storage_url: str | None, workers: int, spec_
     tracking.check_reachable()
     start_study(spec, storage_url, spec_path)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        json.dump(config_mod.to_dict(spec), fh)
+        json.dump(configfile.to_dict(spec), fh)
         resolved = fh.name
     gpus = visible_gpus()
     line = placement_line(gpus, workers)

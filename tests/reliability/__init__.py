@@ -140,10 +140,10 @@ def prepare_study(spec_dict: dict, spec_path: Path, storage: str):
     before it starts workers); returns (SweepSpec, parent run id)."""
     import yaml
 
-    from research import config as config_mod
+    from research import configfile
     from research.sweep import SweepSpec, open_study, parent_run_id, slot_lock
 
-    spec = config_mod.from_dict(SweepSpec, spec_dict)
+    spec = configfile.from_dict(SweepSpec, spec_dict)
     spec_path.write_text(yaml.safe_dump(spec_dict))
     with slot_lock(storage):
         study = open_study(spec, storage)

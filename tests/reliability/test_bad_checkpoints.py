@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.train import resume
 
 
@@ -38,11 +38,11 @@ def test_a_checkpoint_is_data_not_code(tiny_version, mlflow_store, tmp_path):
 def test_a_checkpoint_of_a_run_not_in_the_store_names_the_store(tiny_version, mlflow_store, tmp_path):
     import torch
 
-    from research import config as config_mod
+    from research import configfile
     from tests.conftest import tiny_cfg
 
     ckdir = tmp_path / "ckpt" / "feedface"
     ckdir.mkdir(parents=True)
-    torch.save({"config": config_mod.to_dict(tiny_cfg(tiny_version, tmp_path))}, ckdir / "last.pt")
+    torch.save({"config": configfile.to_dict(tiny_cfg(tiny_version, tmp_path))}, ckdir / "last.pt")
     with pytest.raises(ConfigError, match="not in the tracking store .*MLFLOW_TRACKING_URI"):
         resume(str(ckdir / "last.pt"))

@@ -95,11 +95,12 @@ NONSENSE = {"lr": ".nan", "momentum": ".inf", "weight_decay": ".nan", "grad_clip
 
 @pytest.mark.parametrize("key", list(NONSENSE))
 def test_nan_inf_and_negative_values_are_refused(key):
-    from research import config as config_mod
-    from research.config import ConfigError, TrainConfig
+    from research import configfile
+    from research.config import TrainConfig
+    from research.errors import ConfigError
 
     with pytest.raises(ConfigError, match=key.split(".")[-1]):
-        config_mod.load(TrainConfig, None, config_mod.parse_overrides([f"{key}={NONSENSE[key]}"]))
+        configfile.load(TrainConfig, None, configfile.parse_overrides([f"{key}={NONSENSE[key]}"]))
 
 
 def spec_with(tmp_path, **changes):
@@ -131,7 +132,7 @@ def spec_with(tmp_path, **changes):
 ])
 def test_a_sweep_spec_is_checked_in_full_before_any_storage_or_run(changes, needle, tmp_path):
     """Every choice and both bounds are tried against TrainConfig when the spec loads, not at trial time."""
-    from research.config import ConfigError
+    from research.errors import ConfigError
     from research.sweep import load_spec
 
     with pytest.raises(ConfigError, match=None) as err:

@@ -23,8 +23,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from research import config as config_mod
-from research.config import ConfigError, TrainConfig
+from research import configfile
+from research.config import TrainConfig
+from research.errors import ConfigError
 from tests.conftest import draw_image
 from tests.reliability import tiny_train_config, tree_fingerprint
 
@@ -162,7 +163,7 @@ def test_bad_tree_through_the_pipeline(mlflow_store, tmp_path, monkeypatch):
             assert im.mode == "RGB", path
 
     # train: one epoch on the version made from the bad tree
-    cfg = config_mod.from_dict(TrainConfig, tiny_train_config(version, tmp_path / "ckpt", batch_size=8))
+    cfg = configfile.from_dict(TrainConfig, tiny_train_config(version, tmp_path / "ckpt", batch_size=8))
     result = train(cfg)
     assert result.status == "FINISHED" and result.epochs_run == 1
     assert mlflow.MlflowClient().get_run(result.run_id).info.status == "FINISHED"

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from research.config import TrainConfig, from_dict
+from research.config import TrainConfig
+from research.configfile import from_dict
 from research.serving import model_meta
 from tests.reliability import files_under, kill, refused, start_cli, tiny_train_config, wait_for
 
@@ -178,7 +179,7 @@ def test_a_run_without_config_is_one_error_naming_the_run(tmp_path, mlflow_store
     traceback."""
     from research import tracking
     from research.ensemble import build_ensemble
-    from research.registry import Candidate
+    from research.runquery import Candidate
     from tests.test_serving import log_tiny_model
 
     monkeypatch.chdir(tmp_path)
@@ -191,7 +192,7 @@ def test_a_run_without_config_is_one_error_naming_the_run(tmp_path, mlflow_store
     client = mlflow.MlflowClient()
     members = [Candidate(client.get_run(log_tiny_model(tmp_path / f"m{i}", meta=good_meta())), 0.5, "val_f1_macro")
                for i in range(2)]
-    from research.config import ConfigError
+    from research.errors import ConfigError
 
     with pytest.raises(ConfigError, match=f"Run {members[0].run_id} has no config.yaml .*a member of an ensemble"):
         build_ensemble(members, None)

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from research.cli import main
-from research.config import ConfigError
+from research.errors import ConfigError
 from tests.conftest import EXPERIMENT, Store
 from tests.reliability import styled_clean_dir, tiny_sweep_spec, tiny_train_config
 
@@ -83,7 +83,8 @@ def test_promoting_the_same_ensemble_again_changes_nothing(store: Store, capsys)
 
 def test_an_equal_score_never_beats_the_champion():
     """The gate compared a tag rounded to 6 decimals with the full score, so equal counted as better."""
-    from research.registry import Candidate, Champion, PromotionRefused, gate
+    from research.registry import Champion, PromotionRefused, gate
+    from research.runquery import Candidate
 
     class Run:
         class info:

@@ -149,8 +149,8 @@ def test_an_output_behind_a_dead_symlink_is_refused_before_any_work(project, arg
 
 
 def test_a_dead_link_inside_an_output_is_refused_by_output_path(tmp_path):
-    from research.config import ConfigError
     from research.data import outputs
+    from research.errors import ConfigError
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "heart").symlink_to(tmp_path / "out" / "nowhere")

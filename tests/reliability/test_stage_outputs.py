@@ -17,11 +17,11 @@ import pandas as pd
 import pytest
 
 from research.cli import main
-from research.config import ConfigError
 from research.data.outputs import MARKER, stage_of
 from research.data.scan import scan
 from research.data.split import build_version
 from research.data.versions import load_version
+from research.errors import ConfigError
 from tests.conftest import write_clean_dir
 from tests.reliability import cli_env, kill, research_cmd, tree_fingerprint
 

@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 
 from research.cli import main
-from research.config import ConfigError
 from research.data import outputs
+from research.errors import ConfigError
 from tests.conftest import write_clean_dir
 from tests.reliability import tiny_sweep_spec, tree_fingerprint
 
@@ -156,7 +156,7 @@ def test_report_never_writes_into_a_source_nor_where_a_study_name_points(tiny_ve
                                                                           monkeypatch, capsys, make_tree):
     import optuna
 
-    from research import config as config_mod
+    from research import configfile
     from research.sweep import SweepSpec, make_storage, sweep
 
     monkeypatch.chdir(tmp_path)
@@ -164,7 +164,7 @@ def test_report_never_writes_into_a_source_nor_where_a_study_name_points(tiny_ve
     storage = f"journal:{tmp_path / 'study.journal'}"
     spec = tiny_sweep_spec(tiny_version, tmp_path / "ckpt", "tiny", n_trials=1, epochs=1,
                            space={"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}})
-    sweep(config_mod.from_dict(SweepSpec, spec), storage)
+    sweep(configfile.from_dict(SweepSpec, spec), storage)
     optuna.copy_study(from_study_name="tiny", from_storage=make_storage(storage), to_storage=make_storage(storage),
                       to_study_name="../escape")
     before = tree_fingerprint(tmp_path)
