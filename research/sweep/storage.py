@@ -23,7 +23,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
 from research import tracking
@@ -144,6 +144,13 @@ def fail_stale_trials(study: optuna.Study, grace: float) -> list[int]:
                 client = mlflow.MlflowClient()
                 client.set_tag(run_id, "optuna_state", "FAIL")
                 client.set_terminated(run_id, "KILLED")
-        RetryHeartbeatStaleTrialCallback(max_retry=1)(study, dead)
+        requeue(study, dead, max_retry=1)
         console.print(f"[yellow]trial {t.number}: no heartbeat for {now - beat:.0f}s; marked FAIL and queued a retry")
     return failed
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial, max_retry: int | None) -> None:
+    """Queue a WAITING copy of a failed `trial` with its params (its system attr `failed_trial` names the first
+    of the line): the next free worker, or the study's next run, trains it again. At most `max_retry` copies per
+    line (None: no limit)."""
+    RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, trial)

@@ -28,7 +28,7 @@ from research.config import TrainConfig
 from research.errors import ConfigError
 from research.store import objective_params
 from research.sweep.spec import ParamSpec, SweepSpec, base_config, nest
-from research.sweep.storage import Heartbeat, default_storage_url, fail_stale_trials, open_study, slot_lock
+from research.sweep.storage import Heartbeat, default_storage_url, fail_stale_trials, open_study, requeue, slot_lock
 from research.sweep.summary import params_text, summarize
 from research.train import train
 
@@ -199,7 +199,12 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, base: T
     except optuna.TrialPruned as exc:
         console.print(f"trial {trial.number}: [yellow]{exc}")
         return TrialState.PRUNED, None
-    except (KeyboardInterrupt, ConfigError):
+    except KeyboardInterrupt:
+        # the user stopped the study, not the trial: its params run again when the study resumes (an enqueued
+        # recipe would otherwise be lost, as TPE never suggests it again)
+        requeue(study, study.tell(trial, state=TrialState.FAIL), max_retry=None)
+        raise
+    except ConfigError:
         study.tell(trial, state=TrialState.FAIL)
         raise
     except Exception as exc:  # a crashed trial fails alone; the study goes on

@@ -98,6 +98,9 @@ def test_ctrl_c_in_sweep_then_rerun_resumes_the_study(tiny_version, mlflow_store
     assert out.returncode == 0, out.stderr[-3000:]
     trials = study.get_trials(deepcopy=False)
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+    # the interrupted trial's params ran again (an enqueued recipe is not lost to a Ctrl-C)
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == trial.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == trial.params
     assert study.user_attrs["mlflow_parent_run_id"] == parent
     assert client.get_run(parent).info.status == "FINISHED"
     assert {r.info.status for r in child_runs(parent)} <= {"FINISHED", "KILLED"}
