@@ -25,13 +25,18 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+# Two pytest workers (pytest-xdist), one per core: most tests wait on one thread (a step at 32 px, a subprocess's
+# imports, a server). A module's tests stay on one worker (its module fixtures are built once); the session's
+# dataset version and trained runs are built once for both (tests/conftest.py: built_once).
+XDIST := -n 2 --dist loadscope
+
 test: install lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 # The default suite skips nothing it can run here; `slow` marks every test that takes seconds (training, studies,
-# processes, servers), so test-fast is the rest: about a minute on 2 cores.
+# processes, servers), so test-fast is the rest.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 clean-generated:
 	rm -rf data/raw data/clean data/versions data/cache reports mlruns/mlflow.db mlruns/artifacts mlruns/*.journal

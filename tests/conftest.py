@@ -5,6 +5,7 @@ trained runs (trained once per session) in a module's private copy of their stor
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,20 +60,74 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def mlflow_store(tmp_path, monkeypatch) -> str:
-    """A temporary sqlite tracking store + registry; artifacts under the test's tmp dir."""
-    home = tmp_path / "mlruns"
-    home.mkdir()
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    monkeypatch.setenv("RESEARCH_MLRUNS", str(home))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A session's expensive read-only input, built once for the whole run: `build(folder)` fills the folder the
+    first time; every later caller, in this process or in another xdist worker of the same run, waits on a file
+    lock and gets the finished folder. A build that failed left no marker and is retried by the next caller."""
+    import shutil
+
+    from research.locks import file_lock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: the workers' common root
+    folder, done = shared / name, shared / f"{name}.done"
+    with file_lock(shared / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            build(folder)
+            done.touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """A folder holding an empty MLflow sqlite store (`mlruns/mlflow.db`, every table made): MLflow's schema
+    migration costs about a second a store, so each test's store is a copy of this one."""
+
+    def build(root: Path) -> None:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        home = root / "mlruns"
+        home.mkdir()
+        store = SqlAlchemyStore(f"sqlite:///{home / 'mlflow.db'}", (home / "artifacts").as_uri())
+        store.engine.dispose()
+
+    return built_once(tmp_path_factory, "empty-store", build)
+
+
+def new_mlflow_store(root: Path, mp: pytest.MonkeyPatch) -> str:
+    """Point MLflow and the project at `root/mlruns/mlflow.db` (a store there or none yet)."""
     import mlflow
 
+    home = root / "mlruns"
+    home.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    mp.setenv("RESEARCH_MLRUNS", str(home))
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    yield uri
+    return uri
+
+
+@pytest.fixture
+def mlflow_store(empty_store, tmp_path, monkeypatch) -> str:
+    """A temporary sqlite tracking store + registry (a copy of `empty_store`); artifacts under the test's tmp dir."""
+    import mlflow
+
+    copy_store(empty_store, tmp_path)
+    yield new_mlflow_store(tmp_path, monkeypatch)
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+@pytest.fixture
+def fresh_mlflow_store(tmp_path, monkeypatch) -> str:
+    """`mlflow_store` with no database yet: the first command creates it (for tests of what that creation shows)."""
+    import mlflow
+
+    yield new_mlflow_store(tmp_path, monkeypatch)
     while mlflow.active_run() is not None:
         mlflow.end_run()
 
@@ -136,18 +191,21 @@ def write_clean_dir(source: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_version(tmp_path_factory) -> Path:
-    """A real dataset version (3 imbalanced classes of 48 px PNGs, recipe v1) built by the split stage."""
+    """A real dataset version (3 imbalanced classes of 48 px PNGs, recipe v1) built by the split stage, once a run."""
     from research.data.split import build_version
 
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    source = root / "src"
-    for cls, kind, count in (("circles", "circle", 20), ("squares", "square", 15), ("stripes", "stripe", 10)):
-        (source / cls).mkdir(parents=True)
-        for i in range(count):
-            draw_image(kind, 48, rng).save(source / cls / f"{cls}_{i:03d}.png")
-    clean = write_clean_dir(source, root / "clean")
-    return build_version(clean, "tiny", recipe="v1", out_root=root / "versions", progress=False)
+    def build(root: Path) -> None:
+        rng = np.random.default_rng(0)
+        source = root / "src"
+        for cls, kind, count in (("circles", "circle", 20), ("squares", "square", 15), ("stripes", "stripe", 10)):
+            (source / cls).mkdir(parents=True)
+            for i in range(count):
+                draw_image(kind, 48, rng).save(source / cls / f"{cls}_{i:03d}.png")
+        clean = write_clean_dir(source, root / "clean")
+        assert build_version(clean, "tiny", recipe="v1", out_root=root / "versions", progress=False) == \
+            root / "versions" / "tiny"
+
+    return built_once(tmp_path_factory, "tiny", build) / "versions" / "tiny"
 
 
 def make_version(root: Path, counts: dict[str, dict[str, int]], name: str = "vt", seed: int = 0) -> Path:
@@ -228,39 +286,36 @@ class Store:
 
 def private_store(mp: pytest.MonkeyPatch, root: Path) -> str:
     """The `mlflow_store` fixture's environment, for a module-scoped store."""
-    import mlflow
-
-    home = root / "mlruns"
-    home.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    mp.setenv("RESEARCH_MLRUNS", str(home))
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
     mp.chdir(root)  # the cached loader writes data/cache/ (and `report` reports/) under the working directory
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return uri
+    return new_mlflow_store(root, mp)
 
 
 @pytest.fixture(scope="session")
-def trained_store(tiny_version, tmp_path_factory) -> Store:
-    """Two real training runs, trained once per session into a store that no test opens: `store` copies it.
+def trained_store(tiny_version, empty_store, tmp_path_factory) -> Store:
+    """Two real training runs, trained once a run into a store that no test opens: `store` copies it.
 
     resnet18, 32 px, on the session's tiny dataset version: `good` (2 epochs at lr 1e-3) and `weak` (1 epoch at
     a learning rate too small to learn).
     """
+    import json
+
     import mlflow
 
     from research.train import train
 
-    root = tmp_path_factory.mktemp("trained")
-    with pytest.MonkeyPatch.context() as mp:
-        uri = private_store(mp, root)
-        good = train(tiny_cfg(tiny_version, root, run_name="good")).run_id
-        weak = train(tiny_cfg(tiny_version, root, run_name="weak", epochs=1, lr=1e-7)).run_id
-        while mlflow.active_run() is not None:
-            mlflow.end_run()
-    return Store(uri, tiny_version, good, weak, root)
+    def build(root: Path) -> None:
+        copy_store(empty_store, root)
+        with pytest.MonkeyPatch.context() as mp:
+            private_store(mp, root)
+            runs = {name: train(tiny_cfg(tiny_version, root, run_name=name, **changes)).run_id
+                    for name, changes in (("good", {}), ("weak", {"epochs": 1, "lr": 1e-7}))}
+            while mlflow.active_run() is not None:
+                mlflow.end_run()
+        (root / "runs.json").write_text(json.dumps(runs))
+
+    root = built_once(tmp_path_factory, "trained", build)
+    runs = json.loads((root / "runs.json").read_text())
+    return Store(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", tiny_version, runs["good"], runs["weak"], root)
 
 
 def copy_store(template: Path, root: Path) -> None:

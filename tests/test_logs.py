@@ -60,7 +60,7 @@ def test_verbose_before_the_command_shows_them(tmp_path):
 
 
 @pytest.mark.slow
-def test_verbose_after_the_command_shows_them(mlflow_store, tmp_path, capsys):
+def test_verbose_after_the_command_shows_them(fresh_mlflow_store, tmp_path, capsys):
     assert main(["runs", "--verbose"]) == 0
     err = capsys.readouterr().err
     assert f"INFO mlflow.store.db.utils: {NEW_STORE}" in err
@@ -68,7 +68,8 @@ def test_verbose_after_the_command_shows_them(mlflow_store, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_real_error_still_prints_and_says_where_the_log_is(mlflow_store, tmp_path, monkeypatch, capsys):
+def test_a_real_error_still_prints_and_says_where_the_log_is(fresh_mlflow_store, tmp_path, monkeypatch,
+                                                             capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["runs", "--experiment", "nope"]) == 2
     out, err = capsys.readouterr()

@@ -46,6 +46,18 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: f
     return out, time.perf_counter() - t0
 
 
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    """`python -m research ARGS` in this process (research.cli.main: the same boundary); (code, stdout, stderr).
+
+    For the cases where the process itself is not what is tested: a fresh interpreter costs seconds of imports."""
+    from research.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def start_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen:
     """Start `python -m research ARGS` in its own process group; stdout+stderr go to `log` (or /dev/null)."""
     fh = open(log, "w") if log else subprocess.DEVNULL

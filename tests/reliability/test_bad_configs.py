@@ -1,4 +1,4 @@
-"""Fault 6: bad configs through the real CLI.
+"""Fault 6: bad configs through the CLI (`research.cli.main` in this process; one case in a real process).
 
 Unknown keys, wrong types, a negative lr, a batch size larger than the training set and a sweep spec
 with an empty search space: each exits with code 2, one `error:` message on stderr naming the key
@@ -7,10 +7,12 @@ and the fix, and no traceback. Nothing is trained and no MLflow run is created.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import yaml
 
-from tests.reliability import cli_env, run_cli, tiny_train_config
+from tests.reliability import cli_env, run_cli, run_main, tiny_train_config
 
 # (case id, how to write the train config / CLI args, substrings the error must hold: key, fix)
 TRAIN_CASES = {
@@ -25,15 +27,17 @@ TRAIN_CASES = {
 
 
 @pytest.fixture
-def cli(tmp_path, mlflow_store):
+def cli(tmp_path, mlflow_store, capsys, monkeypatch):
+    """The command in this process (`research.cli.main`, the boundary a process runs; the imports of a fresh
+    interpreter cost seconds a case), from an empty working directory. One case runs as a real process below."""
     work = tmp_path / "work"
     work.mkdir()
-    env = cli_env()  # inherits MLFLOW_TRACKING_URI / RESEARCH_MLRUNS of the private store
+    monkeypatch.chdir(work)
 
     def run(*args):
-        out, seconds = run_cli(*args, cwd=work, env=env, timeout=180)
-        print(f"{' '.join(map(str, args))[-80:]}: rc {out.returncode} in {seconds:.1f}s: {out.stderr.strip()[-250:]}")
-        return out
+        code, out, err = run_main(capsys, *args)
+        print(f"{' '.join(map(str, args))[-80:]}: rc {code}: {err.strip()[-250:]}")
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
     return run
 
@@ -47,7 +51,6 @@ def assert_config_error(out, needles: list[str]) -> None:
 
 
 @pytest.mark.parametrize("case", list(TRAIN_CASES))
-@pytest.mark.slow
 def test_train_config_errors(case, cli, tiny_version, tmp_path, mlflow_store):
     changes, args, needles = TRAIN_CASES[case]
     cfg = tmp_path / "train.yaml"
@@ -61,6 +64,18 @@ def test_train_config_errors(case, cli, tiny_version, tmp_path, mlflow_store):
     assert exp is None or not mlflow.MlflowClient().search_runs([exp.experiment_id])
 
 
+@pytest.mark.slow
+def test_a_config_error_from_a_real_process(tiny_version, tmp_path, mlflow_store):
+    """The same boundary in a fresh `python -m research` process: exit code 2, the one line, no traceback."""
+    changes, args, needles = TRAIN_CASES["unknown key in file"]
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_train_config(tiny_version, tmp_path / "ckpt") | changes))
+    (tmp_path / "work").mkdir()
+    out, _ = run_cli("train", "--config", cfg, *args, cwd=tmp_path / "work", env=cli_env(), timeout=180)
+    assert_config_error(out, needles)
+    assert not (tmp_path / "ckpt").exists()
+
+
 SWEEP_CASES = {
     "empty space": ({"space": {}}, ["`space` is empty", "space: {lr: {type: float"]),
     "unknown key in space": ({"space": {"lrr": {"type": "float", "low": 1e-3, "high": 0.1}}},
@@ -71,7 +86,6 @@ SWEEP_CASES = {
 
 
 @pytest.mark.parametrize("case", list(SWEEP_CASES))
-@pytest.mark.slow
 def test_sweep_spec_errors(case, cli, tiny_version, tmp_path):
     changes, needles = SWEEP_CASES[case]
     spec = {

@@ -24,10 +24,18 @@ import pytest
 import yaml
 
 from research import config as config_mod
-from research.cli import main
 from research.data.image import MAX_PIXELS
 from tests.conftest import write_clean_dir
-from tests.reliability import REPO, cli_env, files_under, research_cmd, run_cli, tiny_sweep_spec, tiny_train_config
+from tests.reliability import (
+    REPO,
+    cli_env,
+    files_under,
+    research_cmd,
+    run_cli,
+    run_main,
+    tiny_sweep_spec,
+    tiny_train_config,
+)
 
 LONG = "a" * 300  # one path component over the file system's limit (NAME_MAX: 255 bytes)
 
@@ -41,14 +49,6 @@ def assert_one_error_line(code: int, out: str, err: str, needles: list[str], exi
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
-
-
-def run_main(capsys, *args) -> tuple[int, str, str]:
-    """`python -m research ARGS` in this process (research.cli.main: the same boundary); (code, stdout, stderr)."""
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def experiments_with_runs() -> dict[str, int]:
