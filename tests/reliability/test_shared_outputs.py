@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,8 +36,14 @@ def test_a_second_build_of_one_output_is_refused_and_the_first_stays_whole(tmp_p
         wait_for(lambda: (tmp_path / "X.partial").is_dir() or first.poll() is not None, 120, 0.02,
                  "the first build to start rendering")
         assert first.poll() is None, "the first build ended before the second started: make it larger"
-        second = subprocess.run(research_cmd(*BUILD, "--out", "X"), cwd=tmp_path, env=cli_env(),
-                                capture_output=True, text=True, timeout=300)
+        # the first is held mid-build (stopped, its lock still held) while the second runs: on busy cores the second's
+        # imports can take longer than the whole first build, and the test would race the two
+        os.killpg(first.pid, signal.SIGSTOP)
+        try:
+            second = subprocess.run(research_cmd(*BUILD, "--out", "X"), cwd=tmp_path, env=cli_env(),
+                                    capture_output=True, text=True, timeout=300)
+        finally:
+            os.killpg(first.pid, signal.SIGCONT)
         assert first.wait(timeout=300) == 0, tail(tmp_path / "first.log")
     finally:
         kill(first)
@@ -109,8 +117,6 @@ def test_a_cache_builder_waits_for_the_one_building_it(project, capsys):
 
 def waiting(path: Path) -> None:
     """Take a cache's lock as its builders do, giving up after 1 s."""
-    import signal
-
     from research.data import outputs
 
     def give_up(*_):
