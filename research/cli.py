@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from research import errors, logs
+from research import errors, logs, tracking
 
 # command -> (module, one-line help). The order is the pipeline's order.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -38,6 +38,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gc": ("research.artifacts", "show (and with --yes free) weights outside the keep rules and deleted runs' files"),
     "demo": ("research.demo", "the whole pipeline end to end on the embedded dataset"),
 }
+# the commands that open the tracking store every time they run: the boundary asks a tracking server before their
+# module is imported (seconds of torch and MLflow), so a server that is down is one error line within a second
+USES_TRACKING = {"train", "sweep", "promote", "predict", "runs", "report", "styles", "gc"}
 VERBOSE_HELP = ("anywhere on the line: show third-party INFO lines and library warnings on the terminal "
                 "(they always go to mlruns/logs/<command>-<time>-<pid>.log)")
 
@@ -72,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # --help, or an error naming the valid commands
         return 2
     name, rest = argv[0], argv[1:]
+    if name in USES_TRACKING and not {"-h", "--help"} & set(rest):
+        with logs.to_file(name, verbose) as log:
+            try:
+                tracking.check_reachable()
+            except errors.TrackingError as exc:
+                return _report(exc, log)
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"python -m research {name}", description=COMMANDS[name][1])
     module.add_arguments(parser, name) if _takes_name(module) else module.add_arguments(parser)

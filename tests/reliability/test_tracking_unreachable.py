@@ -7,7 +7,10 @@ data cache, no checkpoint dir.
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -75,3 +78,24 @@ def test_sweep_fails_fast_and_writes_nothing(tiny_version, dead_server, tmp_path
         assert files_under(work) == []  # no mlruns/optuna.journal, no .lock, no cache
         assert not (tmp_path / "ckpt").exists()
     assert time.perf_counter() - t0 < 2 * LIMIT_S
+
+
+def test_every_tracked_command_stops_before_its_imports(dead_server):
+    """The CLI boundary asks the server before a command that opens the tracking store imports its stage (torch and
+    MLflow: seconds): each of them is one error line, exit 2, with neither loaded and nothing written. (Optuna's
+    logger is loaded by every command's log routing, research/logs.py: a fifth of a second.)"""
+    uri, work, env = dead_server
+    script = ("import json, sys\nfrom research.cli import USES_TRACKING, main\n"
+              "codes = {name: main([name]) for name in sorted(USES_TRACKING)}\n"
+              "print(json.dumps({'codes': codes, 'loaded': [m for m in ('torch', 'mlflow') "
+              "if m in sys.modules]}))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=work, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    codes = result["codes"]
+    assert set(codes) >= {"train", "sweep", "promote", "predict", "runs", "report", "styles", "gc"}
+    assert set(codes.values()) == {2}, out.stderr[-3000:]
+    assert result["loaded"] == [], result
+    assert out.stderr.count(f"error: MLflow tracking server {uri} is not reachable") == len(codes), out.stderr
+    assert files_under(work) == []
