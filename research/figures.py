@@ -24,6 +24,12 @@ COLUMNS = 6
 GREY = 160
 
 
+def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> None:
+    """A figure as a PNG: a laid-out one (layout="constrained") as it is, any other cropped to what it draws.
+    Cropping (bbox_inches="tight") draws the figure twice; a constrained layout already fits its labels."""
+    fig.savefig(path, dpi=dpi, bbox_inches=None if fig.get_layout_engine() is not None else "tight")
+
+
 def per_class_f1_figure(per_class_f1: Sequence[float], classes: Sequence[str], support: Sequence[int],
                         title: str) -> Figure:
     """One bar per class, worst F1 on top, `name (n=support)` as its label, a dashed line at the macro F1."""

@@ -13,7 +13,7 @@ from typing import Any
 import mlflow
 import torch
 
-from research.figures import mistakes_gallery, per_class_f1_figure
+from research.figures import mistakes_gallery, per_class_f1_figure, save_figure
 from research.metrics import classification_report_frame, confusion_matrix_figure, confusion_matrix_frame
 from research.serving import pip_requirements, signature
 
@@ -102,7 +102,7 @@ def write_split_reports(result: dict[str, Any], classes: list[str], split: str, 
     if paths is not None:
         figures[f"mistakes_{split}.png"] = mistakes_gallery(paths, y_true, y_pred, prob, classes, title=title)
     for name, fig in figures.items():
-        fig.savefig(out / name, dpi=110, bbox_inches="tight")
+        save_figure(fig, out / name)
 
 
 PREDICTIONS_FILE = "predictions_test.csv"  # one row per test image: what the served model must reproduce
@@ -127,7 +127,7 @@ def write_calibration(val: dict[str, Any], test: dict[str, Any], temperature: fl
     raw_test = tempered(test["probs"], 1.0 / temperature)  # back to temperature 1: softmax(logits)
     fig = reliability_figure(test["probs"], test["y_true"], f"test ({version_name}), temperature {temperature:.2f}",
                              uncalibrated=raw_test)
-    fig.savefig(out / "reliability_test.png", dpi=110, bbox_inches="tight")
+    save_figure(fig, out / "reliability_test.png")
     return {"temperature": temperature, "val_ece_uncalibrated": ece(val["probs"], val["y_true"]),
             "val_ece": ece(tempered(val["probs"], temperature), val["y_true"]),
             "test_ece_uncalibrated": ece(raw_test, test["y_true"]), "test_ece": ece(test["probs"], test["y_true"])}
