@@ -27,8 +27,9 @@ lint: install
 
 # Two pytest workers (pytest-xdist), one per core: most tests wait on one thread (a step at 32 px, a subprocess's
 # imports, a server). A module's tests stay on one worker (its module fixtures are built once); the session's
-# dataset version and trained runs are built once for both (tests/conftest.py: built_once).
-XDIST := -n 2 --dist loadscope
+# dataset version and trained runs are built once for both (tests/conftest.py: built_once). Modules start in the
+# order tests/conftest.py gives (the longest first), not xdist's (the most tests first).
+XDIST := -n 2 --dist loadscope --no-loadscope-reorder
 
 test: install lint
 	$(PY) -m pytest -q $(XDIST)

@@ -242,6 +242,7 @@ def test_workers_share_a_postgres_study_and_an_mlflow_server(postgres, mlflow_se
     worker_seconds = time.time() - t_workers
     for i, p in enumerate(procs):
         assert p.returncode == 0, f"worker {i} exited {p.returncode}:\n{_tail(tmp_path / f'worker-{i}.log')}"
+        assert "Traceback" not in (tmp_path / f"worker-{i}.log").read_text(), _tail(tmp_path / f"worker-{i}.log")
 
     # A last, plain `sweep` finds the study complete, runs nothing and closes the parent run.
     t_summary = time.time()
@@ -277,6 +278,8 @@ def test_workers_share_a_postgres_study_and_an_mlflow_server(postgres, mlflow_se
     assert {r.info.status for r in children} == {"FINISHED"}
     assert sorted(int(r.data.tags["optuna_trial"]) for r in children) == sorted(numbers)
     assert {r.info.run_id for r in children} == {t.user_attrs["mlflow_run_id"] for t in trials}
+    for r in children:  # every epoch metric logged once, by the worker that ran the trial
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_f1_macro")] == [1]
     assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in children), \
         "artifacts should be served by the server (--serve-artifacts)"
 

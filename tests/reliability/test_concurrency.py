@@ -1,13 +1,13 @@
-"""Fault 4: 4 worker processes on one study storage (a journal file; PostgreSQL when reachable).
+"""Fault 4: 4 worker processes on one study storage (a journal file) and one MLflow sqlite store.
 
-They must finish exactly N trials between them (no overshoot, no duplicate trial numbers, one
-MLflow child run per trial, none left RUNNING), every worker exits 0, and no worker prints
-"database is locked" (neither Optuna's storage nor the shared MLflow sqlite store).
+They must finish exactly N trials between them (no overshoot, no duplicate trial numbers, one MLflow child run
+per trial, none left RUNNING), every worker exits 0, and no worker prints "database is locked" (neither Optuna's
+storage nor the shared MLflow sqlite store). The same on PostgreSQL (workers on an RDB study and an MLflow server
+with a PostgreSQL store) is tests/test_postgres.py.
 """
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 
@@ -21,49 +21,10 @@ from tests.reliability import child_runs, cli_env, kill, prepare_study, start_wo
 
 pytestmark = pytest.mark.slow
 N_TRIALS, N_WORKERS = 6, 4
-PG = ("127.0.0.1", 5432)
 
 
-def postgres_reason() -> str | None:
-    """None when PostgreSQL accepts connections as postgres with trust auth, else why not."""
-    try:
-        with socket.create_connection(PG, timeout=2):
-            pass
-    except OSError as exc:
-        return f"PostgreSQL is not reachable at {PG[0]}:{PG[1]} ({exc})"
-    try:
-        import psycopg
-
-        psycopg.connect(f"host={PG[0]} port={PG[1]} user=postgres dbname=postgres connect_timeout=3").close()
-    except Exception as exc:  # noqa: BLE001 - any failure is a reason to skip, reported as is
-        return f"PostgreSQL at {PG[0]}:{PG[1]} refused user postgres with trust auth: {exc}"
-    return None
-
-
-@pytest.fixture(params=["journal", "postgresql"])
-def storage(request, tmp_path):
-    if request.param == "journal":
-        yield f"journal:{tmp_path / 'study.journal'}"
-        return
-    reason = postgres_reason()
-    if reason:
-        pytest.skip(reason)
-    import psycopg
-
-    name = f"reliability_{uuid.uuid4().hex[:10]}"
-    admin = f"host={PG[0]} port={PG[1]} user=postgres dbname=postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgresql://postgres@{PG[0]}:{PG[1]}/{name}"
-    optuna.storages.RDBStorage(url)  # the schema once, before 4 workers race to create it
-    try:
-        yield url
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def test_four_workers_finish_exactly_n_trials(storage, tiny_version, mlflow_store, tmp_path):
+def test_four_workers_finish_exactly_n_trials(tiny_version, mlflow_store, tmp_path):
+    storage = f"journal:{tmp_path / 'study.journal'}"
     work = tmp_path / "work"
     work.mkdir()
     study_name = f"conc-{uuid.uuid4().hex[:6]}"
