@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "clean": ("research.data.clean", "find wrongly collected photographs; write manifest + quarantine"),
     "split": ("research.data.split", "group-aware train/val/test split into a dataset version"),
     "weights": ("research.weights", "fetch a model's ImageNet weights into the local cache (a box with internet)"),
-    "train": ("research.train", "train one model; every epoch logged to MLflow"),
+    "train": ("research.train_cli", "train one model; every epoch logged to MLflow"),
     "sweep": ("research.sweep", "an Optuna study: one MLflow parent run, a child run per trial"),
     "promote": ("research.registry", "register the best run as the champion model version"),
     "predict": ("research.predict", "classify images with a registered model"),
