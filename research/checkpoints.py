@@ -44,15 +44,31 @@ def checkpoint_dir(root: str | Path, run_id: str) -> Path:
     return Path(root) / run_id
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+def atomic_save(obj: Any, path: Path, *also: Path) -> None:
+    """torch.save to a temporary file, then renamed: `path` is always a whole file, old or new. Each of `also` is
+    made a second name (a hard link) of the same file before `path` is, so the file is written once; `also`
+    is renamed into place first, so after a crash it is never older than `path`."""
+    names = [tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.") for target in (path, *also)]
+    for fd, _ in names:
+        os.close(fd)
+    tmps = [tmp for _, tmp in names]
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
+        torch.save(obj, tmps[0])
+        for tmp, target in zip(tmps[1:], also):
             os.unlink(tmp)
+            os.link(tmps[0], tmp)
+            os.replace(tmp, target)
+        os.replace(tmps[0], path)
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def kept_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The evaluated weights in a checkpoint (`best.pt`: the best epoch's whole checkpoint, under "kept")."""
+    checkpoint = load_checkpoint(path, what="best weights")
+    return checkpoint["kept"] if "kept" in checkpoint else checkpoint  # a best.pt written before 2026-12: weights only
 
 
 def rng_state() -> dict[str, Any]:

@@ -203,12 +203,14 @@ def fit(parts: Parts, state: TrainState, ckdir: Path, run_id: str, on_epoch) -> 
             row = run_epoch(parts, epoch, display, state.total_seconds)
             state.history.append(row)
             state.epoch, state.total_seconds = epoch, row["total_seconds"]
-            if row["val_f1_macro"] > state.best_val_f1:
+            improved = row["val_f1_macro"] > state.best_val_f1
+            if improved:
                 state.best_val_f1, state.best_epoch, state.stale = row["val_f1_macro"], epoch, 0
-                checkpoints.atomic_save(parts.kept_weights(), ckdir / "best.pt")
             else:
                 state.stale += 1
-            checkpoints.atomic_save(checkpoint(parts, state, run_id), ckdir / "last.pt")
+            # one write an epoch: an improving epoch's last.pt is also best.pt (a hard link, not a copy)
+            best = (ckdir / "best.pt",) if improved else ()
+            checkpoints.atomic_save(checkpoint(parts, state, run_id), ckdir / "last.pt", *best)
             with runlog.hold_ctrl_c():
                 runlog.log_epoch(client, run_id, row)
             display.add(row)
@@ -285,7 +287,7 @@ def finish(parts: Parts, ckdir: Path, best_epoch: int, chosen: dict[str, float])
     amp and device trained it), so `models:/...` reproduces the logged test figures image for image
     (predictions_test.csv lists them).
     """
-    parts.trained.load_state_dict(checkpoints.load_checkpoint(ckdir / "best.pt", what="best weights"))
+    parts.trained.load_state_dict(checkpoints.kept_weights(ckdir / "best.pt"))
     classes, version = parts.data.classes, parts.version
     val = evaluate(parts.trained, parts.data.val, parts.device, parts.cfg.amp, len(classes))
     temperature = fit_temperature(val["probs"], val["y_true"])  # on val: the served probabilities are calibrated
@@ -551,9 +553,10 @@ def print_start(parts: Parts, run_id: str, state: TrainState) -> None:
 # ---------------------------------------------------------------------------------- checkpoints
 
 def checkpoint(parts: Parts, state: TrainState, run_id: str) -> dict[str, Any]:
-    """Everything `resume` needs, config included, as tensors and plain containers."""
+    """Everything `resume` needs, config included, as tensors and plain containers; "kept" is the evaluated
+    weights (the model's own, or the EMA's), which torch.save stores once when they are the same tensors."""
     return {
-        "model": parts.trained.state_dict(), "optimizer": parts.optimizer.state_dict(),
+        "model": parts.trained.state_dict(), "kept": parts.kept_weights(), "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(), "ema": parts.ema.state_dict() if parts.ema is not None else None,
         "state": dataclasses.asdict(state), "rng": checkpoints.rng_state(), "config": configfile.to_dict(parts.cfg),
         "run_id": run_id, "classes": list(parts.data.classes),

@@ -203,7 +203,7 @@ def test_ema_weights_are_the_ones_evaluated_and_logged(tiny_version, mlflow_stor
         started, kept = [], {}
 
         def on_epoch(epoch, row):  # the local best.pt, read while the run is still in progress
-            kept.update(torch.load(tmp_path / "ckpt" / started[0] / "best.pt", weights_only=True))
+            kept.update(torch.load(tmp_path / "ckpt" / started[0] / "best.pt", weights_only=True)["kept"])
 
         result = train(cfg, on_start=started.append, on_epoch=on_epoch)
         return result.run_id, kept
