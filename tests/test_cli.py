@@ -27,12 +27,14 @@ def test_unknown_command_names_the_valid_ones(capsys):
 
 def test_train_help_and_a_config_typo_answer_before_torch_and_mlflow_load(tmp_path):
     """`train`'s parser and config checks live in research/train_cli.py; the trainer (torch, timm, MLflow: seconds
-    of imports) loads only when a run starts. In a child: `train --help`, then a config with an unknown key."""
+    of imports) loads only when a run starts. In a child: `split --help` (torch loads where an image is augmented),
+    `train --help`, then a config with an unknown key."""
     (tmp_path / "typo.yaml").write_text("model: resnet18\nbatchsize: 8\n")
     script = ("import contextlib, io, json, sys\nfrom research.cli import main\n"
               "with contextlib.redirect_stdout(io.StringIO()) as help_text:\n"
-              "    try:\n        main(['train', '--help'])\n"
-              "    except SystemExit as exc:\n        help_code = exc.code\n"
+              "    for command in ('split', 'train'):\n"
+              "        try:\n            main([command, '--help'])\n"
+              "        except SystemExit as exc:\n            help_code = exc.code\n"
               "code = main(['train', '--config', 'typo.yaml'])\n"
               "print(json.dumps({'help': help_code, 'shown': '--resume' in help_text.getvalue(), 'typo': code,\n"
               "                  'loaded': [m for m in ('torch', 'mlflow') if m in sys.modules]}))")

@@ -13,14 +13,18 @@ import dataclasses
 import io
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
-from torchvision.transforms import v2
 
 from research.data.image import WHITE, open_rgb, to_rgb
 from research.errors import ConfigError
 
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
+
+# torch and torchvision (seconds of imports) load where an image is augmented: `split --help`, a split refused for a
+# bad argument or recipe, and a recipe without a floor (v1) never load them
 # v2 transforms draw from torch's global RNG, which threads share: seed-and-draw must not interleave.
 _RNG_LOCK = threading.Lock()
 
@@ -46,6 +50,8 @@ class OfflineAugment:
 
 def build_transform(cfg: OfflineAugment, size: tuple[int, int]) -> v2.Compose:
     """The transform for one image of `size` (width, height); the output keeps that size."""
+    from torchvision.transforms import v2
+
     width, height = size
     steps: list = [v2.RandomHorizontalFlip(p=cfg.hflip)]
     if cfg.rotation > 0:
@@ -60,6 +66,8 @@ def build_transform(cfg: OfflineAugment, size: tuple[int, int]) -> v2.Compose:
 
 def augment_image(image: Image.Image, cfg: OfflineAugment, seed: int) -> Image.Image:
     """One augmented RGB copy of `image`; the global torch RNG is left as it was (thread-safe)."""
+    import torch
+
     rgb = to_rgb(image)
     transform = build_transform(cfg, rgb.size)
     with _RNG_LOCK, torch.random.fork_rng(devices=[]):
