@@ -12,9 +12,12 @@ export PYTHONUNBUFFERED := 1
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall only when requirements.txt changed: a second `make` is fast.
+# Reinstall only when requirements.txt changed: a second `make` is fast. pip compiles the bytecode of what it
+# installs on one core (about 70 CPU-s for torch, MLflow and the rest); compileall does it on every core. A file
+# that is not Python 3 (a template or test data that some packages ship) fails there and is skipped, as pip skips it.
 $(STAMP): requirements.txt | $(PY)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-compile -r requirements.txt
+	$(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $(STAMP)
 
 install: $(STAMP)
